@@ -1,0 +1,635 @@
+"""A hand-written Qwen2 decoder that reads and writes Hugging Face checkpoints unchanged.
+
+Module and parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
+safetensors keys load with no rename table and our saved checkpoints load in `transformers`, vLLM and
+lighteval. One forward serves three uses:
+
+    logits = model(input_ids)                                  # (B, T, vocab), plain causal batch
+    hidden = model(input_ids, position_ids=pos, return_hidden=True)  # packed rows, for chunked losses
+    logits = model(next_ids, cache=cache)                      # incremental decoding from a KV cache
+
+Public API: `Qwen2Config`, `Qwen2ForCausalLM`, `build_model`, `load_pretrained`, `save_pretrained`,
+`save_state_dict`, `KVCache`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# -----------------------------------------------------------------------------
+# Config
+
+# Keys of config.json that this file interprets; everything else is kept verbatim and written back on save.
+_MANAGED_KEYS = {
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+    "rope_parameters", "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "torch_dtype",
+    "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "hidden_act",
+    "attention_dropout", "use_sliding_window", "layer_types", "transformers_version",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot represent exactly: we refuse it rather than compute different math."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is incomplete, inconsistent with its config, or corrupt."""
+
+
+@dataclasses.dataclass
+class Qwen2Config:
+    """The fields of a Hugging Face Qwen2 config.json that determine the math. Defaults are HF's."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (multi-head attention)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "float32"  # dtype of the weights on disk; what save_pretrained writes by default
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # unmanaged keys, preserved on save
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
+                                  f"num_attention_heads {self.num_attention_heads}")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ConfigError(f"rope_theta and rms_norm_eps must be positive, got "
+                              f"{self.rope_theta!r} and {self.rms_norm_eps!r}")
+        if self.torch_dtype not in _DTYPES:
+            raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(_DTYPES)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Qwen2Config:
+        """Validate a Hugging Face config dict (v4 or v5 layout) and keep only what is supported."""
+        if d.get("model_type") != "qwen2":
+            raise ConfigError(f"model_type must be 'qwen2', got {d.get('model_type')!r}")
+        archs = d.get("architectures") or ["Qwen2ForCausalLM"]
+        if archs != ["Qwen2ForCausalLM"]:
+            raise ConfigError(f"architectures must be ['Qwen2ForCausalLM'], got {archs!r}")
+        if d.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window: true is not supported (full attention only)")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            raise ConfigError(f"layer_types other than full_attention are not supported: {d['layer_types']!r}")
+        if d.get("rope_scaling") is not None:
+            raise ConfigError(f"rope_scaling is not supported, got {d['rope_scaling']!r}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act must be 'silu', got {d['hidden_act']!r}")
+        if d.get("attention_dropout", 0.0):
+            raise ConfigError(f"attention_dropout must be 0, got {d['attention_dropout']!r}")
+        for key in ("quantization_config", "use_mrope"):
+            if d.get(key):
+                raise ConfigError(f"{key} is not supported, got {d[key]!r}")
+
+        theta = d.get("rope_theta")
+        rope = d.get("rope_parameters")
+        if rope is not None:
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default" or set(rope) - {"rope_type", "type", "rope_theta"}:
+                raise ConfigError(f"rope_parameters other than default RoPE are not supported: {rope!r}")
+            if theta is not None and rope.get("rope_theta", theta) != theta:
+                raise ConfigError(f"rope_theta {theta!r} disagrees with rope_parameters {rope!r}")
+            theta = rope.get("rope_theta", theta)
+
+        kwargs = {k: d[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                                     "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
+                                     "eos_token_id", "pad_token_id", "initializer_range")
+                  if d.get(k) is not None}
+        if theta is not None:
+            kwargs["rope_theta"] = float(theta)
+        dtype = d.get("dtype") or d.get("torch_dtype")  # v5 writes `dtype`, and prefers it when both exist
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        extra = {k: v for k, v in d.items() if k not in _MANAGED_KEYS}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Qwen2Config:
+        file = Path(path) / "config.json"
+        try:
+            d = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{file}: not found (is {path} a checkpoint directory?)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{file}: expected a JSON object")
+        try:
+            return cls.from_dict(d)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{file}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json in a layout both transformers v4 (and vLLM) and v5 read identically."""
+        d = {**self.extra,
+             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+             "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+             "rope_theta": self.rope_theta,
+             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+             "tie_word_embeddings": self.tie_word_embeddings,
+             "torch_dtype": self.torch_dtype, "dtype": self.torch_dtype,
+             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+             "pad_token_id": self.pad_token_id, "initializer_range": self.initializer_range,
+             "hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False}
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            d["head_dim"] = self.head_dim
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Attention masks: built once per forward, shared by every layer
+
+
+@dataclasses.dataclass
+class AttnMask:
+    """How queries see keys in one forward.
+
+    Exactly one representation is used: nothing (plain causal, the fused SDPA/flash path), a flex_attention
+    BlockMask (packed documents on GPU: no T x T tensor ever exists), or a dense boolean mask (padding,
+    packed documents on CPU, KV-cache decoding; True = may attend).
+    """
+
+    dense: Tensor | None = None  # (B, 1, T, S) bool
+    block: BlockMask | None = None
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # flex_attention is only fused (and memory-efficient) when compiled.
+    return torch.compile(flex_attention)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    # Uncompiled, create_block_mask evaluates the mask on the full (B, T, T) grid; compiled, it works blockwise.
+    return torch.compile(create_block_mask)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
+    """Scaled dot-product attention with grouped-query heads. q (B, H, T, hd), k/v (B, Hkv, S, hd)."""
+    if mask.block is not None:
+        fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return fn(q, k, v, block_mask=mask.block, enable_gqa=True)
+    if mask.dense is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
+
+
+def document_ids(position_ids: Tensor) -> Tensor:
+    """Index of the packed document each token belongs to: a new one starts wherever the position does not
+    continue the previous one (typically where it restarts at 0). (B, T) -> (B, T) int."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.cumsum(dim=1)
+
+
+def build_mask(position_ids: Tensor | None, attention_mask: Tensor | None, use_flex: bool) -> AttnMask:
+    """Causal attention restricted to each token's own document (from position_ids) and to non-padding keys
+    (from attention_mask, 1 = real token). Padding queries attend to themselves so no softmax row is empty."""
+    docs = None
+    if position_ids is not None:
+        docs = document_ids(position_ids)
+        if not bool((docs[:, -1] > 1).any()):  # one document per row: plain causal
+            docs = None
+    if docs is None and attention_mask is None:
+        return AttnMask()
+    B, T = (docs if docs is not None else attention_mask).shape
+    if use_flex and attention_mask is None:
+        def same_doc_causal(b, h, q_idx, kv_idx):
+            return (docs[b, q_idx] == docs[b, kv_idx]) & (kv_idx <= q_idx)
+        make = _compiled_create_block_mask() if docs.is_cuda else create_block_mask
+        return AttnMask(block=make(same_doc_causal, B, None, T, T, device=docs.device))
+    idx = torch.arange(T, device=(docs if docs is not None else attention_mask).device)
+    dense = idx[None, :, None] >= idx[None, None, :]  # (1, T, T) causal
+    if docs is not None:
+        dense = dense & (docs[:, :, None] == docs[:, None, :])  # (B, T, T)
+    if attention_mask is not None:
+        dense = dense & attention_mask.bool()[:, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device)
+    return AttnMask(dense=dense[:, None])
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Pre-allocated keys and values for incremental decoding, one slot per batch row.
+
+    A row's cache holds its positions 0 .. lengths[b]-1 at the same slot indices, so rows may be at different
+    lengths (continuous batching) and a finished row is reused by setting its length back to 0.
+    """
+
+    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.max_len = max_len
+
+    def slot(self, index: int) -> KVCache:
+        """A one-row view sharing this cache's storage: prefill a new sequence into slot `index` of a running
+        batch with `model(prompt[None], cache=cache.slot(index))`."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, index:index + 1], self.v[:, index:index + 1]
+        view.lengths = self.lengths[index:index + 1]
+        return view
+
+    def update(self, layer: int, k: Tensor, v: Tensor, position_ids: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write the new keys/values (B, Hkv, T, hd) at their positions; return the cache prefix to attend to."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        self.k[layer][rows, :, position_ids] = k.transpose(1, 2)  # index (B, T) -> values (B, T, Hkv, hd)
+        self.v[layer][rows, :, position_ids] = v.transpose(1, 2)
+        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+class Qwen2RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalize in fp32, cast back, then scale: the order of Hugging Face's Qwen2, so bf16 matches too.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    # Computed on the CPU as Hugging Face does: a GPU pow may differ in the last bit, which position 32k amplifies.
+    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))).to(device)
+
+
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """Rotary angles in fp32 for (B, T) positions -> cos, sin of shape (B, 1, T, head_dim)."""
+    freqs = position_ids[..., None].float() * _inv_freq(head_dim, theta, position_ids.device)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (HF layout: first half of head_dim pairs with second half), computed in fp32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask,
+                cache: KVCache | None = None, position_ids: Tensor | None = None, kv_len: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, position_ids, kv_len)  # (B, Hkv, kv_len, hd)
+        y = attend(q, k, v, mask)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask,
+                cache: KVCache | None = None, position_ids: Tensor | None = None, kv_len: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position_ids, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Hugging Face's initialization: N(0, initializer_range) matrices, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+            if isinstance(module, Qwen2RMSNorm):
+                module.weight.fill_(1.0)
+        if self.config.pad_token_id is not None:
+            self.model.embed_tokens.weight[self.config.pad_token_id].zero_()
+
+    def forward(self, input_ids: Tensor, *, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or final hidden states (B, T, hidden) with return_hidden.
+
+        position_ids (B, T): positions restarting at 0 at each packed document; attention is causal within a
+            document and blocked across documents. Default 0..T-1 (from attention_mask when given).
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
+        cache: decode with a KVCache; positions default to continuing each row's cached length.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        kv_len = 0
+        if cache is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is not supported with a KV cache: give each row its own slot")
+            if position_ids is None:
+                position_ids = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
+            kv_len = int(position_ids.max()) + 1
+            if kv_len > cache.max_len:
+                raise ValueError(f"KV cache overflow: position {kv_len - 1} >= cache length {cache.max_len}")
+            slots = torch.arange(kv_len, device=input_ids.device)
+            mask = AttnMask(dense=(slots <= position_ids[:, :, None])[:, None])  # (B, 1, T, kv_len)
+        else:
+            packed = position_ids is not None
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None \
+                    else torch.arange(T, device=input_ids.device)[None]
+            position_ids = position_ids.expand(B, T)
+            mask = build_mask(position_ids if packed else None, attention_mask, use_flex=input_ids.is_cuda)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, position_ids, kv_len)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.lengths.copy_(position_ids[:, -1] + 1)
+        return x if return_hidden else self.lm_head(x)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def build_model(config: Qwen2Config, *, device: torch.device | str = "cpu",
+                dtype: torch.dtype | str = torch.float32, seed: int | None = 0) -> Qwen2ForCausalLM:
+    """A randomly initialized model (toy models, tests). seed=None leaves the weights uninitialized (fast,
+    for a model that will be loaded into); device="meta" builds shapes only."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model = model.to(dtype=_as_dtype(dtype))
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty replaces parameters one by one, which unties them
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        model.init_weights(generator)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints in Hugging Face layout
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                    "generation_config.json")
+_SINGLE_FILE, _INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+def checkpoint_keys(model: Qwen2ForCausalLM) -> list[str]:
+    """The keys a Hugging Face checkpoint of this model holds: a tied lm_head is stored only as the embedding."""
+    keys = list(model.state_dict().keys())
+    return [k for k in keys if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """Map each tensor key of a checkpoint directory to the safetensors file holding it."""
+    if (path / _SINGLE_FILE).exists():
+        files = [path / _SINGLE_FILE]
+    elif (path / _INDEX_FILE).exists():
+        index_file = path / _INDEX_FILE
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+        for name in sorted(set(weight_map.values())):
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path / name}: shard listed in {_INDEX_FILE} is missing")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise CheckpointError(f"{path}: no {_SINGLE_FILE} or {_INDEX_FILE} (only safetensors are supported)")
+    found: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        for key in keys:
+            if key in found:
+                raise CheckpointError(f"{file}: tensor {key} is also in {found[key]}")
+            found[key] = file
+    return found
+
+
+def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | str = torch.float32) -> Qwen2ForCausalLM:
+    """Load a Hugging Face Qwen2 checkpoint directory (single file or sharded safetensors).
+
+    The model is built on the meta device and each tensor is read from its (memory-mapped) file, cast and
+    copied into place, so memory peaks at the model in `dtype` plus one tensor.
+    """
+    path = Path(path)
+    config = Qwen2Config.from_pretrained(path)
+    weight_map = _weight_map(path)
+    model = build_model(config, device="meta", dtype=dtype)
+    expected = checkpoint_keys(model)
+    # Ignored if present: a tied head saved anyway, RoPE buffers some old exports contain.
+    ignorable = {k for k in weight_map if k.endswith("rotary_emb.inv_freq")
+                 or (k == "lm_head.weight" and config.tie_word_embeddings)}
+    missing = [k for k in expected if k not in weight_map]
+    unexpected = sorted(set(weight_map) - set(expected) - ignorable)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match config.json: missing keys {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''}")
+
+    model.to_empty(device=device)
+    model.tie_weights()
+    params = model.state_dict(keep_vars=True)
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(weight_map[key], []).append(key)
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in keys:
+                    shape = list(f.get_slice(key).get_shape())
+                    if shape != list(params[key].shape):
+                        raise CheckpointError(f"{file}: {key} has shape {shape}, config.json implies "
+                                              f"{list(params[key].shape)}")
+                    tensor = f.get_tensor(key)
+                    if not tensor.is_floating_point():
+                        raise CheckpointError(f"{file}: {key} has non-float dtype {tensor.dtype}")
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise CheckpointError(f"{file}: {key} contains NaN or inf")
+                    params[key].copy_(tensor)
+    model.source_dir = path  # save_pretrained copies the tokenizer files from here
+    return model
+
+
+def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                    max_shard_bytes: int = 5 * 2**30, tokenizer_from: str | os.PathLike | None = None) -> None:
+    """Write `model` as a Hugging Face checkpoint directory (see `save_state_dict`)."""
+    state = model.state_dict()
+    state = {k: state[k] for k in checkpoint_keys(model)}
+    source = tokenizer_from if tokenizer_from is not None else getattr(model, "source_dir", None)
+    save_state_dict(state, model.config, path, dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer_from=source)
+
+
+def save_state_dict(state: dict[str, Tensor], config: Qwen2Config, path: str | os.PathLike, *,
+                    dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30,
+                    tokenizer_from: str | os.PathLike | None = None) -> None:
+    """Write a full state dict in Hugging Face layout: config.json, safetensors (sharded with an index past
+    `max_shard_bytes`), and the tokenizer files of `tokenizer_from` when it has them.
+
+    Tensors are stored in `dtype` (default: the config's torch_dtype). The directory is assembled next to
+    `path` and renamed into place, so a crash never leaves a partial checkpoint at `path`.
+    """
+    path = Path(path)
+    dtype = _as_dtype(dtype if dtype is not None else config.torch_dtype)
+    config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * dtype.itemsize
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(key)
+        shard_bytes += nbytes
+
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        names = [_SINGLE_FILE] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, keys in zip(names, shards):
+            tensors = {k: state[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in keys}
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+            os.chmod(tmp / name, 0o666 & ~umask)  # safetensors writes 0600; others (e.g. a server) must read it
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(state[k].numel() * dtype.itemsize for k in state)},
+                     "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+            (tmp / _INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if tokenizer_from is not None:
+            for name in _TOKENIZER_FILES:
+                if (Path(tokenizer_from) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
