@@ -588,6 +588,7 @@ def save_state_dict(state: dict[str, Tensor], config: Qwen2Config, path: str | o
     `path` and renamed into place, so a crash never leaves a partial checkpoint at `path`.
     """
     path = Path(path)
+    check_replaceable(path, "config.json")
     dtype = _as_dtype(dtype if dtype is not None else config.torch_dtype)
     config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
     if config.tie_word_embeddings:
@@ -628,6 +629,19 @@ def save_state_dict(state: dict[str, Tensor], config: Qwen2Config, path: str | o
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    replace_dir(tmp, path)
+
+
+def check_replaceable(path: Path, marker: str) -> None:
+    """Refuse to overwrite a directory that is not ours: `path` may be absent, empty, or hold `marker`."""
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists())):
+        raise CheckpointError(f"{path}: exists and is not a directory we wrote (no {marker}); refusing to "
+                              f"replace it, choose another path")
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move a finished directory into place. The old one is renamed aside and removed only once the new one is
+    there, so `path` never holds a partial write (a crash between the two renames leaves the old copy aside)."""
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         path.rename(old)

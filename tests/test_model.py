@@ -262,6 +262,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(after["model.embed_tokens.weight"], second.model.embed_tokens.weight)
 
 
+def test_save_refuses_to_replace_an_unrelated_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    model = M.build_model(M.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(M.CheckpointError, match="exists and is not a directory we wrote"):
+        M.save_pretrained(model, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
 # -----------------------------------------------------------------------------
 # The real Qwen2.5-Math-1.5B config
 
