@@ -187,13 +187,16 @@ class Qwen2Config:
 class AttnMask:
     """How queries see keys in one forward.
 
-    Exactly one representation is used: nothing (plain causal, the fused SDPA/flash path), a flex_attention
-    BlockMask (packed documents on GPU: no T x T tensor ever exists), or a dense boolean mask (padding,
-    packed documents on CPU, KV-cache decoding; True = may attend).
+    At most one representation is used: nothing (plain causal, the fused SDPA/flash path), a flex_attention
+    BlockMask (packed documents on GPU: no T x T tensor ever exists), a document gather (packed documents on
+    CPU: the documents are gathered into a padded batch for one causal SDPA, so the work is the documents'
+    squared lengths, not T^2), or a dense boolean mask (padding, KV-cache decoding; True = may attend).
     """
 
     dense: Tensor | None = None  # (B, 1, T, S) bool
     block: BlockMask | None = None
+    doc_index: Tensor | None = None  # (D, L) position in the flattened (B*T) tokens of document d's j-th token
+    doc_valid: Tensor | None = None  # (D, L) whether j is within document d
 
 
 @functools.cache
@@ -213,6 +216,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     if mask.block is not None:
         fn = _compiled_flex_attention() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=mask.block, enable_gqa=True)
+    if mask.doc_index is not None:
+        B, H, T, hd = q.shape
+        docs = [x.transpose(0, 1).reshape(x.shape[1], B * T, hd)[:, mask.doc_index].transpose(0, 1)
+                for x in (q, k, v)]  # (D, H or Hkv, L, hd)
+        y = F.scaled_dot_product_attention(*docs, is_causal=True, enable_gqa=True)  # (D, H, L, hd)
+        # documents tile the rows in order, so their valid positions, document after document, are the tokens
+        return y.transpose(0, 1)[:, mask.doc_valid].reshape(H, B, T, hd).transpose(0, 1)
     if mask.dense is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
@@ -242,6 +252,14 @@ def build_mask(position_ids: Tensor | None, attention_mask: Tensor | None, use_f
             return (docs[b, q_idx] == docs[b, kv_idx]) & (kv_idx <= q_idx)
         make = _compiled_create_block_mask() if docs.is_cuda else create_block_mask
         return AttnMask(block=make(same_doc_causal, B, None, T, T, device=docs.device))
+    if attention_mask is None:
+        flat = (docs + (docs[:, -1:].cumsum(0) - docs[:, -1:]))  # (B, T) document ids unique across rows
+        starts = torch.nonzero(torch.diff(flat.flatten(), prepend=flat.new_zeros(1))).flatten()  # (D,)
+        lengths = torch.diff(starts, append=starts.new_tensor([B * T]))  # (D,)
+        j = torch.arange(int(lengths.max()), device=docs.device)  # (L,)
+        valid = j < lengths[:, None]  # (D, L)
+        index = starts[:, None] + torch.minimum(j, lengths[:, None] - 1)  # (D, L), padding repeats the last token
+        return AttnMask(doc_index=index, doc_valid=valid)
     idx = torch.arange(T, device=(docs if docs is not None else attention_mask).device)
     dense = idx[None, :, None] >= idx[None, None, :]  # (1, T, T) causal
     if docs is not None:

@@ -148,14 +148,21 @@ def test_kv_cache_rows_at_different_lengths(pair):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_document_mask_equals_dense_mask():
-    """The GPU packed path (flex_attention BlockMask) computes what the dense CPU mask computes."""
+def test_packed_attention_paths_agree():
+    """The GPU packed path (flex_attention BlockMask), the CPU one (documents gathered into a padded batch)
+    and an explicit block-diagonal causal mask compute the same attention."""
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5, 6, 7], list(range(16))])
     flex = M.build_mask(pos, None, use_flex=True)
-    dense = M.build_mask(pos, None, use_flex=False)
-    assert flex.block is not None and dense.dense is not None
+    gather = M.build_mask(pos, None, use_flex=False)
+    assert flex.block is not None
+    assert gather.doc_valid.sum(1).tolist() == [3, 4, 1, 8, 16]  # four documents in row 0, one in row 1
+    assert gather.doc_index[0, :3].tolist() == [0, 1, 2] and gather.doc_index[4, :2].tolist() == [16, 17]
+    docs = M.document_ids(pos)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    dense = M.AttnMask(dense=(causal & (docs[:, :, None] == docs[:, None, :]))[:, None])
     q, k, v = torch.randn(2, 6, 16, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
     assert_close(M.attend(q, k, v, flex), M.attend(q, k, v, dense))
+    assert_close(M.attend(q, k, v, gather), M.attend(q, k, v, dense))
     assert M.build_mask(torch.arange(16).expand(2, 16), None, use_flex=True) == M.AttnMask()  # one doc: causal
 
 
