@@ -1,9 +1,52 @@
-"""The training objectives of the REDI paper as pure functions, and the log-probabilities they consume."""
+"""The training objectives of the REDI paper (arXiv 2505.24850) as pure functions, and the log-probs they use.
+
+Every loss takes per-sequence summed log-probs log pi(y|x) and token counts |y| of the sequences in one
+micro-batch, and a normalizer: the size of the whole global batch (tokens for SFT, triplets otherwise). Each
+returns that micro-batch's share of the global-batch mean, so the shares of all micro-batches on all ranks
+add up to exactly the paper's loss, whatever the micro-batch size or world size.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+def sft_loss(logps: Tensor, n_tokens: float) -> Tensor:
+    """Eq. (1): -log pi(y_w|x), as trained: negative log-likelihood averaged over every trace token of the
+    global batch. logps (S,) summed log-probs of this micro-batch's traces; n_tokens: trace tokens in the
+    global batch."""
+    return -logps.sum() / n_tokens
+
+
+def redi_loss(chosen_logps: Tensor, chosen_lengths: Tensor, rejected_logps: Tensor, rejected_lengths: Tensor,
+              alpha: float, n_pairs: float) -> Tensor:
+    """Eq. (5): -log pi(y_w|x)/|y_w| + alpha * log pi(y_l|x)/|y_l|, averaged over the pairs of the batch.
+
+    alpha = 1 is the symmetric objective (Eq. 4); alpha = 0 is length-normalized SFT on the positives.
+    Its gradient w.r.t. log pi(y_w|x) is -1/(|y_w| n_pairs) and w.r.t. log pi(y_l|x) is +alpha/(|y_l| n_pairs).
+    """
+    per_pair = -chosen_logps / chosen_lengths + alpha * rejected_logps / rejected_lengths  # (P,)
+    return per_pair.sum() / n_pairs
+
+
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+             beta: float, n_pairs: float) -> Tensor:
+    """Eq. (2): -log sigmoid(beta ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))), with summed
+    (not length-normalized) log-probs and a frozen reference model, averaged over the pairs of the batch."""
+    margin = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))  # (P,)
+    return -F.logsigmoid(margin).sum() / n_pairs
+
+
+def simpo_loss(chosen_logps: Tensor, chosen_lengths: Tensor, rejected_logps: Tensor, rejected_lengths: Tensor,
+               beta: float, gamma: float, n_pairs: float) -> Tensor:
+    """Eq. (3): -log sigmoid(beta (log pi(y_w)/|y_w| - log pi(y_l)/|y_l|) - gamma), averaged over the pairs.
+
+    As beta -> 0 its gradient divided by beta tends to sigmoid(gamma) times the gradient of Eq. (4)
+    (Appendix B, Proposition B.3)."""
+    margin = beta * (chosen_logps / chosen_lengths - rejected_logps / rejected_lengths) - gamma  # (P,)
+    return -F.logsigmoid(margin).sum() / n_pairs
 
 
 class _ChunkedTokenLogProbs(torch.autograd.Function):

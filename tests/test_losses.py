@@ -33,3 +33,64 @@ def test_chunked_token_logprobs_bf16_inputs_only_weight_grad():
     ref = F.log_softmax((hidden @ weight.T).float(), dim=-1).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(out, ref)
     assert weight.grad.dtype == torch.bfloat16 and torch.isfinite(weight.grad).all()
+
+
+def test_losses_against_hand_computed_values():
+    # SFT (Eq. 1): -(sum of log-probs) / tokens in the global batch
+    assert L.sft_loss(torch.tensor([-2.0, -3.0]), n_tokens=10).item() == pytest.approx(0.5)
+    c, lc = torch.tensor([-4.0, -1.0]), torch.tensor([2.0, 4.0])
+    r, lr = torch.tensor([-9.0, -6.0]), torch.tensor([3.0, 2.0])
+    # REDI (Eq. 5): pair 1: 4/2 + 0.8 * (-9/3) = -0.4; pair 2: 1/4 + 0.8 * (-6/2) = -2.15; mean over 2 pairs
+    assert L.redi_loss(c, lc, r, lr, alpha=0.8, n_pairs=2).item() == pytest.approx((-0.4 - 2.15) / 2)
+    assert L.redi_loss(c, lc, r, lr, alpha=0.0, n_pairs=2).item() == pytest.approx((2.0 + 0.25) / 2)
+    # DPO (Eq. 2): margin 0.1 * ((-5 + 6) - (-7 + 6)) = 0.2 -> log(1 + e^-0.2)
+    dpo = L.dpo_loss(torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-6.0]), torch.tensor([-6.0]),
+                     beta=0.1, n_pairs=1)
+    assert dpo.item() == pytest.approx(0.5981388693)
+    # SimPO (Eq. 3): margin 2 * (-4/2 - (-9/3)) - 1 = 1 -> log(1 + e^-1)
+    simpo = L.simpo_loss(c[:1], lc[:1], r[:1], lr[:1], beta=2.0, gamma=1.0, n_pairs=1)
+    assert simpo.item() == pytest.approx(0.3132616875)
+    # a micro-batch's share: two halves of the batch add up to the whole-batch loss
+    whole = L.redi_loss(c, lc, r, lr, 0.8, n_pairs=2)
+    halves = L.redi_loss(c[:1], lc[:1], r[:1], lr[:1], 0.8, 2) + L.redi_loss(c[1:], lc[1:], r[1:], lr[1:], 0.8, 2)
+    assert halves.item() == pytest.approx(whole.item())
+
+
+def test_redi_gradient_is_minus_one_over_length_and_alpha_over_length():
+    c = torch.tensor([-40.0, -10.0, -7.0], requires_grad=True)
+    r = torch.tensor([-90.0, -60.0, -3.0], requires_grad=True)
+    lc, lr = torch.tensor([20.0, 40.0, 7.0]), torch.tensor([30.0, 20.0, 1.0])
+    L.redi_loss(c, lc, r, lr, alpha=0.8, n_pairs=3).backward()
+    torch.testing.assert_close(c.grad, -1.0 / (lc * 3))
+    torch.testing.assert_close(r.grad, 0.8 / (lr * 3))
+
+
+def test_simpo_gradient_tends_to_sigmoid_gamma_times_symmetric_redi():
+    """Appendix B, Proposition B.3: grad L_SimPO / beta -> sigmoid(gamma) grad L_symm as beta -> 0."""
+    c, r = torch.tensor([-40.0, -12.0]), torch.tensor([-90.0, -20.0])
+    lc, lr = torch.tensor([20.0, 6.0]), torch.tensor([30.0, 4.0])
+    gamma = 1.0
+
+    def grads(loss_fn):
+        ci, ri = c.clone().requires_grad_(), r.clone().requires_grad_()
+        loss_fn(ci, ri).backward()
+        return torch.cat([ci.grad, ri.grad])
+
+    symm = grads(lambda ci, ri: L.redi_loss(ci, lc, ri, lr, alpha=1.0, n_pairs=2))
+    target = torch.sigmoid(torch.tensor(gamma)) * symm
+    errors = []
+    for beta in (1e-1, 1e-2, 1e-3, 1e-4):
+        simpo = grads(lambda ci, ri: L.simpo_loss(ci, lc, ri, lr, beta=beta, gamma=gamma, n_pairs=2)) / beta
+        errors.append(((simpo - target).norm() / target.norm()).item())
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-4, errors
+    assert errors[0] > 1e-3  # at a large beta the two really differ
+
+
+def test_dpo_gradient_weights_summed_logprobs_by_beta_sigmoid():
+    c, r = torch.tensor([-50.0], requires_grad=True), torch.tensor([-55.0], requires_grad=True)
+    ref_c, ref_r = torch.tensor([-52.0]), torch.tensor([-52.0])
+    beta = 0.1
+    L.dpo_loss(c, r, ref_c, ref_r, beta=beta, n_pairs=1).backward()
+    weight = beta * torch.sigmoid(-beta * torch.tensor(2.0 + 3.0))  # -beta * margin where margin = 5
+    torch.testing.assert_close(c.grad, -weight.reshape(1))
+    torch.testing.assert_close(r.grad, weight.reshape(1))
