@@ -617,10 +617,12 @@ class MicroBatch:
     loss_seq: Tensor  # (N,) sequence (0 .. n_seqs-1) of each loss token
     example_ids: Tensor  # (n_seqs,) dataset index of each sequence's example
     n_seqs: int
+    doc_lengths: list[int]  # tokens of each packed document (for FLOP counts)
 
     def to(self, device: torch.device | str) -> MicroBatch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                                            for f in dataclasses.fields(self) if f.name != "n_seqs"})
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
 
 
 class Loader:
@@ -727,7 +729,8 @@ class Loader:
         loss_index = cat(loss_index)
         return MicroBatch(input_ids=input_ids[None], position_ids=cat(pos)[None], loss_index=loss_index,
                           loss_target=input_ids[loss_index + 1], loss_seq=cat(loss_seq),
-                          example_ids=torch.tensor(example_ids, dtype=torch.long), n_seqs=len(example_ids))
+                          example_ids=torch.tensor(example_ids, dtype=torch.long), n_seqs=len(example_ids),
+                          doc_lengths=[len(p) for p in pos] if examples else [])
 
 
 # -----------------------------------------------------------------------------
