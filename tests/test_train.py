@@ -1,0 +1,275 @@
+"""train.py on a toy model, one CPU process and torchrun with 2 gloo ranks: stages, invariance of the update
+to micro-batching and world size, exact resume, checkpoints, failure handling, activation checkpointing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+
+import data as D
+import model as M
+import train as T
+from conftest import ROOT
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A prepared toy corpus and a randomly initialized toy base model (HF layout, with its tokenizer)."""
+    d = tmp_path_factory.mktemp("train")
+    D.toy_corpus(d / "toy", n_train=300, n_test=10, seed=1)
+    D.prepare([d / "toy" / "raw"], d / "toy" / "model", d / "data", log=lambda *a: None)
+    config = M.Qwen2Config.from_pretrained(d / "toy" / "model")
+    M.save_pretrained(M.build_model(config, seed=0), d / "base", tokenizer_from=d / "toy" / "model")
+    return d
+
+
+def run(toy, out, *extra, stage="sft", model=None):
+    argv = ["--stage", stage, "--model", str(model or toy / "base"), "--data", str(toy / "data"), "--out", str(out),
+            "--batch-size", "8", "--max-len", "160", "--max-steps", "4", "--save-every", "0", "--log-every", "100",
+            "--lr", "2e-3" if stage == "sft" else "1e-3", *extra]
+    T.main(argv)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="session")
+def sft_model(toy):
+    """A toy model after a short SFT, the starting point of the preference stages."""
+    run(toy, toy / "sft", "--max-steps", "12", "--lr", "3e-3")
+    return toy / "sft" / "final"
+
+
+def test_sft_loss_falls(toy, tmp_path):
+    log = run(toy, tmp_path / "run", "--max-steps", "8", "--lr", "3e-3")
+    assert len(log) == 8 and log[-1]["loss"] < 0.8 * log[0]["loss"]
+    for key in ("loss", "lr", "grad_norm", "update_norm", "tokens_per_s", "peak_mem_gib", "eta_s"):
+        assert key in log[0]
+    assert log[0]["lr"] == 0.0 and log[0]["update_norm"] == 0.0  # warmup starts at lr 0, as in HF
+
+
+def fixed_margins(toy, model_dir, n=48):
+    """Summed and length-normalized chosen-minus-rejected log-probs of the first n triplets."""
+    model = M.load_pretrained(model_dir)
+    data = D.TokenData(toy / "data", "pref")
+    mb = D.Loader(data, batch_size=n, max_tokens=100000, max_len=160).collate(list(range(n)))
+    with torch.no_grad():
+        logps, lengths = T.sequence_logps(model, mb)
+    summed = logps[0::2] - logps[1::2]
+    normalized = logps[0::2] / lengths[0::2] - logps[1::2] / lengths[1::2]
+    return summed.mean().item(), normalized.mean().item()
+
+
+@pytest.mark.parametrize("stage, extra", [("redi", []), ("redi", ["--alpha", "1"]), ("simpo", []),
+                                          ("dpo", ["--beta", "0.1", "--lr", "3e-4"])])
+def test_preference_stages_raise_the_margin(toy, tmp_path, sft_model, stage, extra):
+    log = run(toy, tmp_path / "run", "--max-steps", "10", "--warmup-ratio", "0", *extra, stage=stage,
+              model=sft_model)
+    assert all(k in log[0] for k in ("logps_chosen", "logps_rejected", "margin", "accuracy"))
+    before, after = fixed_margins(toy, sft_model), fixed_margins(toy, tmp_path / "run" / "final")
+    # DPO's margin is in summed log-probs; the others' in per-token (length-normalized) log-probs
+    i = 0 if stage == "dpo" else 1
+    assert after[i] > before[i] + 0.02, (before, after)
+    if stage == "dpo":
+        assert abs(log[0]["margin"]) < 1e-5  # the policy starts as the reference: zero implicit reward
+        assert (tmp_path / "run" / "ref_logps.pt").is_file()
+
+
+@pytest.mark.parametrize("stage", ["sft", "redi"])
+def test_update_does_not_depend_on_micro_batching(toy, tmp_path, sft_model, stage):
+    model = None if stage == "sft" else sft_model
+    one = run(toy, tmp_path / "one", "--micro-tokens", "100000", stage=stage, model=model)
+    many = run(toy, tmp_path / "many", "--micro-tokens", "170" if stage == "sft" else "320", stage=stage, model=model)
+    for a, b in zip(one, many):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert_same_weights(tmp_path / "one" / "final", tmp_path / "many" / "final", atol=1e-5)
+    data = D.TokenData(toy / "data", "sft" if stage == "sft" else "pref")
+    loader = D.Loader(data, batch_size=8, max_tokens=170 if stage == "sft" else 320, max_len=160, seed=42)
+    assert min(len(loader.plan(0, s)[0]) for s in range(4)) >= 4  # really several micro-batches per step
+
+
+def torchrun(toy, out, *extra, stage="sft", model=None, nproc=2):
+    argv = ["--stage", stage, "--model", str(model or toy / "base"), "--data", str(toy / "data"), "--out", str(out),
+            "--batch-size", "8", "--max-len", "160", "--max-steps", "4", "--save-every", "0",
+            "--lr", "2e-3" if stage == "sft" else "1e-3", *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "train.py"), *argv]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", ["sft", "redi"])
+def test_update_does_not_depend_on_world_size(toy, tmp_path, sft_model, stage):
+    model = None if stage == "sft" else sft_model
+    one = run(toy, tmp_path / "one", stage=stage, model=model)
+    two = torchrun(toy, tmp_path / "two", stage=stage, model=model)
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol=1e-5)
+
+
+def test_exact_resume(toy, tmp_path):
+    full = run(toy, tmp_path / "full", "--max-steps", "6")
+    run(toy, tmp_path / "split", "--max-steps", "6", "--stop-at", "3")
+    assert not (tmp_path / "split" / "final").exists() and (tmp_path / "split" / "step-000003").is_dir()
+    resumed = run(toy, tmp_path / "split", "--max-steps", "6", "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, 7))  # the log continues without duplicates
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert_same_weights(tmp_path / "full" / "final", tmp_path / "split" / "final", atol=0)
+
+
+def test_resume_after_a_kill_during_a_checkpoint_write(toy, tmp_path):
+    """The process dies inside the second checkpoint's write: that checkpoint never looks complete, --resume
+    continues from the first, and the run still ends with the uninterrupted run's weights."""
+    argv = ["--stage", "sft", "--model", str(toy / "base"), "--data", str(toy / "data"), "--batch-size", "8",
+            "--max-len", "160", "--max-steps", "6", "--save-every", "2", "--lr", "2e-3"]
+    run(toy, tmp_path / "full", "--max-steps", "6", "--save-every", "2")
+    killer = ("import os, sys, train\n"
+              "orig, calls = train.dcp.save, []\n"
+              "def dying(*a, **k):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        os._exit(9)\n"
+              "    return orig(*a, **k)\n"
+              "train.dcp.save = dying\n"
+              "train.main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", killer, *argv, "--out", str(tmp_path / "killed")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 9
+    assert [p.name for p in T.complete_checkpoints(tmp_path / "killed")] == ["step-000002"]
+    assert (tmp_path / "killed" / ".step-000004.tmp").is_dir()  # the partial write, not mistaken for a checkpoint
+    T.main([*argv, "--out", str(tmp_path / "killed"), "--resume"])
+    assert_same_weights(tmp_path / "full" / "final", tmp_path / "killed" / "final", atol=0)
+    assert not (tmp_path / "killed" / ".step-000004.tmp").exists()
+
+
+def test_checkpoints_load_in_our_loader_and_transformers(toy, tmp_path):
+    run(toy, tmp_path / "run", "--max-steps", "4", "--save-every", "2", "--keep-state", "1")
+    ckpts = T.complete_checkpoints(tmp_path / "run")
+    assert [c.name for c in ckpts] == ["step-000002", "step-000004"]
+    assert not (ckpts[0] / "state").exists() and (ckpts[1] / "state").is_dir()  # older state pruned
+    assert json.loads((ckpts[1] / "args.json").read_text())["lr"] == 2e-3
+    ours = M.load_pretrained(ckpts[1] / "model")
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpts[1] / "model", dtype=torch.float32).eval()
+    ids = torch.randint(0, 400, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (ckpts[1] / "model" / "tokenizer.json").is_file()
+    assert_same_weights(ckpts[1] / "model", tmp_path / "run" / "final", atol=0)
+
+
+def test_refuses_to_overwrite_or_resume_with_other_arguments(toy, tmp_path):
+    run(toy, tmp_path / "run", "--max-steps", "2", "--save-every", "1")
+    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume"):
+        run(toy, tmp_path / "run", "--max-steps", "2")
+    with pytest.raises(SystemExit, match=r"different lr \(lr=0.002\)"):
+        run(toy, tmp_path / "run", "--max-steps", "2", "--resume", "--lr", "1e-3")
+
+
+def test_non_finite_loss_stops_before_the_step(toy, tmp_path, monkeypatch):
+    real = T.losses.sft_loss
+    calls = []
+
+    def poisoned(logps, n_tokens):
+        calls.append(1)
+        loss = real(logps, n_tokens)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    monkeypatch.setattr(T.losses, "sft_loss", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss at step 3 .* stopped before the optimizer step"):
+        run(toy, tmp_path / "run", "--max-steps", "6", "--save-every", "1", "--micro-tokens", "100000")
+    assert [c.name for c in T.complete_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002",
+                                                                         "step-000003"]
+
+
+def test_bad_inputs_get_clear_errors(toy, tmp_path, tmp_path_factory):
+    with pytest.raises(SystemExit, match="not a complete prepared directory"):
+        T.main(["--stage", "sft", "--model", str(toy / "base"), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    other = tmp_path_factory.mktemp("other")
+    D.toy_corpus(other, n_train=20, n_test=2, seed=9)  # a different tokenizer
+    M.save_pretrained(M.build_model(M.Qwen2Config.from_pretrained(other / "model")), other / "base",
+                      tokenizer_from=other / "model")
+    with pytest.raises(SystemExit, match="is not the tokenizer this data was prepared with"):
+        run(toy, tmp_path / "o2", model=other / "base")
+    with pytest.raises(SystemExit, match="exceeds the model's max_position_embeddings 1024"):
+        run(toy, tmp_path / "o3", "--max-len", "2048")
+
+
+def test_stage_defaults_are_the_papers():
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+    sft = T.parse_args(["--stage", "sft", *base])
+    assert (sft.lr, sft.batch_size, sft.epochs, sft.max_len, sft.betas, sft.eps, sft.weight_decay,
+            sft.warmup_ratio) == (5e-5, 128, 5, 32768, (0.9, 0.999), 1e-8, 1e-4, 0.1)
+    redi = T.parse_args(["--stage", "redi", *base])
+    assert (redi.lr, redi.alpha, redi.batch_size, redi.epochs, redi.max_len) == (1e-6, 0.8, 32, 1, 19800)
+    assert T.parse_args(["--stage", "redi", "--alpha", "1", *base]).lr == 2e-7  # symmetric REDI's best LR
+    assert T.parse_args(["--stage", "redi", "--alpha", "1", "--lr", "1e-6", *base]).lr == 1e-6
+    dpo = T.parse_args(["--stage", "dpo", *base])
+    assert (dpo.lr, dpo.beta) == (2e-7, 0.001)
+    simpo = T.parse_args(["--stage", "simpo", *base])
+    assert (simpo.lr, simpo.beta, simpo.gamma) == (5e-7, 2.0, 1.0)
+
+
+def test_lr_schedule_is_huggingface_linear_with_warmup():
+    args = T.parse_args(["--stage", "sft", "--model", "m", "--data", "d", "--out", "o", "--lr", "1.0"])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    total = 37
+    sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=4, num_training_steps=total)
+    for step in range(total):
+        assert T.lr_at(step, total, args) == pytest.approx(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+
+
+def test_flops_formula():
+    config = M.Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, tie_word_embeddings=False)
+    n = M.build_model(config, device="meta").num_parameters()
+    # 6N (without the input embedding) + 12 L d T per token, T the token's own document
+    expected = 10 * (6 * (n - 6400) + 12 * 2 * 64 * 10) + 3 * (6 * (n - 6400) + 12 * 2 * 64 * 3)
+    assert T.flops(config, n, [10, 3]) == expected
+
+
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
+    config = M.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 50, (2, 24))
+
+    def step(ac):
+        model = M.build_model(config, seed=0)
+        if ac:
+            for i, block in enumerate(model.model.layers):
+                model.model.layers[i] = T.checkpoint_wrapper(block)
+        saved = []
+        with FlopCounterMode(display=False) as counter, \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            model(ids).logsumexp(-1).sum().backward()
+        grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
+        return counter.get_total_flops(), sum(saved), grads
+
+    flops_plain, saved_plain, grads_plain = step(ac=False)
+    flops_ac, saved_ac, grads_ac = step(ac=True)
+    assert flops_ac > flops_plain  # the blocks' forward runs again in backward
+    assert saved_ac < saved_plain  # fewer activations kept
+    assert grads_plain.keys() == grads_ac.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ac[name], grads_plain[name], rtol=0, atol=0, msg=name)

@@ -1,0 +1,499 @@
+"""Stage 1 (SFT) and stage 2 (REDI, and the DPO / SimPO baselines) of the REDI recipe, on FSDP2.
+
+    python train.py --stage sft --model toy/model --data toy/data --out runs/toy-sft          # one process
+    torchrun --nproc_per_node 8 train.py --stage sft --model Qwen2.5-Math-1.5B --data data/openr1 \\
+        --out runs/sft --rope-theta 300000 --max-position-embeddings 32768
+    torchrun --nproc_per_node 8 train.py --stage redi --model runs/sft/final --data data/openr1 --out runs/redi
+    torchrun --nproc_per_node 8 train.py --stage dpo ...      # or --stage simpo, or --stage redi --alpha 1
+    torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc_per_node 8 train.py ...  # multi-node
+
+Every flag defaults to the paper's value for the stage (`python train.py --help`). The run writes
+`<out>/metrics.jsonl` (one line per optimizer step), `<out>/step-NNNNNN/` checkpoints (`model/` in Hugging
+Face layout, `state/` resumable through torch.distributed.checkpoint, `args.json`) and `<out>/final/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import data as data_lib
+import losses
+import model as model_lib
+
+# The paper's settings for each stage (RECIPE.md; Appendix C.3, C.4). lr for REDI depends on alpha: 1e-6 for
+# the asymmetric objective, 2e-7 for the symmetric one (alpha = 1), which collapses at 1e-6.
+STAGE_DEFAULTS = {
+    "sft": dict(lr=5e-5, batch_size=128, epochs=5, max_len=32768),
+    "redi": dict(lr=1e-6, batch_size=32, epochs=1, max_len=19800, alpha=0.8),
+    "dpo": dict(lr=2e-7, batch_size=32, epochs=1, max_len=19800, beta=0.001),
+    "simpo": dict(lr=5e-7, batch_size=32, epochs=1, max_len=19800, beta=2.0, gamma=1.0),
+}
+# Dense bf16 peak FLOP/s by device name (the first match wins), for MFU.
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+              ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12)]
+# Arguments a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("stage", "data", "alpha", "beta", "gamma", "lr", "betas", "eps", "weight_decay", "warmup_ratio",
+               "grad_clip", "batch_size", "max_len", "truncate", "epochs", "max_steps", "seed")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--stage", choices=list(STAGE_DEFAULTS), required=True,
+                   help="sft (stage 1) or the stage-2 objective: redi, dpo or simpo")
+    g.add_argument("--model", required=True, help="starting checkpoint directory (Hugging Face layout)")
+    g.add_argument("--data", required=True, help="directory written by `python data.py prepare`")
+    g.add_argument("--out", required=True, help="run directory: metrics, checkpoints, final model")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    g.add_argument("--seed", type=int, default=42, help="data order (default 42, as the authors)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--alpha", type=float, help="REDI weight of the negative trace, Eq. 5 (default 0.8)")
+    g.add_argument("--beta", type=float, help="DPO beta, Eq. 2 (default 0.001) or SimPO beta, Eq. 3 (default 2)")
+    g.add_argument("--gamma", type=float, help="SimPO margin gamma, Eq. 3 (default 1)")
+    g.add_argument("--ref-model", help="DPO reference model (default: --model, the SFT start)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, help="peak learning rate (sft 5e-5, redi 1e-6 or 2e-7 at alpha 1, "
+                                            "dpo 2e-7, simpo 5e-7)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--warmup-ratio", type=float, default=0.1,
+                   help="linear warmup over this fraction of the steps, then linear decay to zero")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    g = p.add_argument_group("batches")
+    g.add_argument("--batch-size", type=int, help="global batch: sequences for sft (128), triplets otherwise (32)")
+    g.add_argument("--micro-tokens", type=int,
+                   help="token budget of a packed micro-batch per GPU (default: one longest example)")
+    g.add_argument("--max-len", type=int, help="longest prompt+response in tokens (sft 32768, others 19800); "
+                                               "longer examples are dropped")
+    g.add_argument("--truncate", action="store_true", help="truncate responses to --max-len instead of dropping")
+    g.add_argument("--epochs", type=int, help="passes over the data (sft 5, others 1)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--stop-at", type=int, help="checkpoint and exit at this step without changing the schedule "
+                                               "(split a run into jobs; continue with --resume)")
+    g = p.add_argument_group("model")
+    g.add_argument("--rope-theta", type=float, help="override rope_theta (the recipe sets 300000 before SFT)")
+    g.add_argument("--max-position-embeddings", type=int, help="override it (the recipe sets 32768)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (bf16 on GPU, fp32 on CPU); "
+                                                             "master weights and optimizer state are fp32")
+    g.add_argument("--no-ac", action="store_true", help="disable activation checkpointing (on by default on GPU)")
+    g.add_argument("--ac", action="store_true", help="enable activation checkpointing on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps (all go to JSONL)")
+    g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep-state", type=int, default=1,
+                   help="keep the resumable state of this many newest checkpoints (models are all kept)")
+    args = p.parse_args(argv)
+
+    defaults = STAGE_DEFAULTS[args.stage]
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None and key != "lr":
+            setattr(args, key, value)
+    if args.lr is None:
+        args.lr = 2e-7 if args.stage == "redi" and args.alpha == 1.0 else defaults["lr"]
+    args.micro_tokens = args.micro_tokens or args.max_len * (1 if args.stage == "sft" else 2)
+    args.betas = tuple(args.betas)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup and the model on FSDP2
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun's process group (NCCL on GPU, gloo on CPU); a one-process group when run without torchrun, so
+    a single process goes through the same FSDP2 code path."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend, timeout = "nccl" if cuda else "gloo", datetime.timedelta(minutes=30)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_model(path: str, args) -> model_lib.Qwen2ForCausalLM:
+    """A checkpoint in fp32 on the CPU (fully_shard then moves each rank's shard to its device), with the
+    recipe's config edits applied."""
+    model = model_lib.load_pretrained(path, device="cpu", dtype=torch.float32)
+    if args.rope_theta is not None:
+        model.config.rope_theta = args.rope_theta
+    if args.max_position_embeddings is not None:
+        model.config.max_position_embeddings = args.max_position_embeddings
+    if args.max_len > model.config.max_position_embeddings:
+        raise model_lib.ConfigError(f"--max-len {args.max_len} exceeds the model's max_position_embeddings "
+                                    f"{model.config.max_position_embeddings}; pass --max-position-embeddings")
+    return model
+
+
+def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: bool, compile: bool,
+                bf16: bool) -> None:
+    """Activation checkpointing, then torch.compile, per decoder block; then FSDP2 per block and at the root.
+
+    fully_shard keeps fp32 master weights sharded across ranks; MixedPrecisionPolicy all-gathers them as bf16
+    for compute and reduces gradients in fp32. The embedding, final norm and (tied) head live in the root
+    group, so a tied weight stays one parameter.
+    """
+    for i, block in enumerate(model.model.layers):
+        if ac:
+            block = checkpoint_wrapper(block)  # recompute the block's activations in backward
+        if compile:
+            block = torch.compile(block)
+        model.model.layers[i] = block
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def sequence_logps(model: model_lib.Qwen2ForCausalLM, mb: data_lib.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (S,) and token counts (S,) of the micro-batch's sequences, from one packed forward.
+    The head runs only on loss tokens, in chunks (losses.token_logprobs)."""
+    hidden = model(mb.input_ids, position_ids=mb.position_ids, return_hidden=True)[0]  # (T, H)
+    tok = losses.token_logprobs(hidden[mb.loss_index], model.lm_head.weight, mb.loss_target)  # (N,) fp32
+    logps = torch.zeros(mb.n_seqs, device=tok.device).index_add(0, mb.loss_seq, tok)  # (S,)
+    lengths = torch.bincount(mb.loss_seq, minlength=mb.n_seqs).float()  # (S,)
+    return logps, lengths
+
+
+def flops(config: model_lib.Qwen2Config, n_params: int, doc_lengths: list[int]) -> float:
+    """Training FLOPs as in PaLM's MFU: 6N + 12 L d T per token, T the token's document length (attention is
+    within a document). N counts the head but not the input embedding lookup; recompute is not counted."""
+    n = n_params - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    L, d = config.num_hidden_layers, config.num_attention_heads * config.head_dim
+    return sum(t * (6 * n + 12 * L * d * t) for t in doc_lengths)
+
+
+def lr_at(step: int, total: int, args) -> float:
+    """Linear warmup over ceil(warmup_ratio * total) steps, then linear decay to zero: Hugging Face's
+    get_linear_schedule_with_warmup, which the authors trained with (step 0 has lr 0 when warming up)."""
+    warmup = math.ceil(total * args.warmup_ratio)
+    if step < warmup:
+        return args.lr * step / warmup
+    return args.lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints that finished writing: step-NNNNNN directories (a write in progress is .step-NNNNNN.tmp)."""
+    return sorted(p for p in out.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, args, config, rank: int) -> Path:
+    """Write <out>/step-NNNNNN atomically: everything goes to a hidden temporary directory, renamed into place
+    by rank 0 only after every rank has finished, so a killed save never looks complete."""
+    final, tmp = out / f"step-{step:06d}", out / f".step-{step:06d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model_lib.save_state_dict(full, config, tmp / "model", tokenizer_from=args.model)
+    del full
+    # One process needs no coordination; gloo's object gather would also leave an OpenMP team in its worker
+    # thread, and libgomp, then oversubscribed, stops spin-waiting: small CPU ops get ~10x slower for good.
+    with warnings.catch_warnings():  # no_dist warns that it assumes a single process, which it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=tmp / "state", no_dist=dist.get_world_size() == 1)
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                else None}, tmp / "state" / f"rng-{rank}.pt")
+    if rank == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+        (tmp / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    dist.barrier()
+    if rank == 0:
+        tmp.rename(final)
+        for old in complete_checkpoints(out)[:-args.keep_state] if args.keep_state > 0 else []:
+            shutil.rmtree(old / "state", ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, args, rank: int) -> int:
+    saved = json.loads((ckpt / "args.json").read_text())
+    changed = [k for k in RESUME_KEYS if json.dumps(saved.get(k)) != json.dumps(getattr(args, k))]
+    if changed:
+        raise SystemExit(f"error: {ckpt} was written with different {', '.join(changed)} "
+                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with the same arguments")
+    if not (ckpt / "state").is_dir():
+        raise SystemExit(f"error: {ckpt} has no resumable state (pruned by --keep-state)")
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=ckpt / "state", no_dist=dist.get_world_size() == 1)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    rng_file = ckpt / "state" / f"rng-{rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
+# -----------------------------------------------------------------------------
+# DPO reference log-probs
+
+
+@torch.no_grad()
+def reference_logps(model, data: data_lib.TokenData, args, device: torch.device, rank: int, world: int) -> torch.Tensor:
+    """Summed log-probs of every triplet's chosen and rejected response under the reference model: (n, 2),
+    NaN for examples the loader drops. Computed once before training (the policy is still the reference then)
+    and cached in <out>/ref_logps.pt, so DPO needs no second model in memory."""
+    path = Path(args.out) / "ref_logps.pt"
+    key = {"data": data.manifest["inputs"] + data.manifest["tokenizer"], "ref": str(args.ref_model or args.model),
+           "max_len": args.max_len, "truncate": args.truncate}
+    if path.is_file():
+        cached = torch.load(path, weights_only=False)
+        if cached["key"] == key:
+            return cached["logps"].to(device)
+    loader = data_lib.Loader(data, batch_size=max(world, 64), max_tokens=args.micro_tokens, max_len=args.max_len,
+                             world_size=world, rank=rank, truncate=args.truncate)
+    found = []
+    for step in range(len(loader)):
+        for mb in loader.micro_batches(0, step):
+            logps, _ = sequence_logps(model, mb.to(device))
+            found += [(int(e), float(c), float(r)) for e, c, r in
+                      zip(mb.example_ids[0::2], logps[0::2].tolist(), logps[1::2].tolist())]
+    gathered = [found]
+    if world > 1:  # (one process skips the object gather: see save_checkpoint)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, found)
+    table = torch.full((len(data), 2), float("nan"), dtype=torch.float64)
+    for part in gathered:
+        for e, c, r in part:
+            table[e] = torch.tensor([c, r], dtype=torch.float64)
+    if rank == 0:
+        torch.save({"key": key, "logps": table}, path)
+    return table.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    try:
+        train(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args, rank: int, world: int, device: torch.device) -> None:
+    out = Path(args.out)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    pref = args.stage != "sft"
+    bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    ac = (device.type == "cuda" and not args.no_ac) or args.ac
+
+    existing = complete_checkpoints(out) if out.is_dir() else []
+    if existing and not args.resume:
+        raise SystemExit(f"error: {out} already holds checkpoints; pass --resume to continue, or another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    try:
+        data = data_lib.TokenData(args.data, "pref" if pref else "sft")
+        data.check_tokenizer(args.model)
+        loader = data_lib.Loader(data, batch_size=args.batch_size, max_tokens=args.micro_tokens,
+                                 max_len=args.max_len, world_size=world, rank=rank, seed=args.seed,
+                                 truncate=args.truncate)
+        ref = None
+        if args.stage == "dpo":  # the reference's log-probs, once, before the policy is even loaded
+            ref_model = load_model(args.ref_model or args.model, args)
+            parallelize(ref_model, device, ac=False, compile=False, bf16=bf16)
+            ref = reference_logps(ref_model, data, args, device, rank, world)
+            del ref_model
+        model = load_model(args.model, args)
+    except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    config = model.config
+    n_params = model.num_parameters()
+
+    parallelize(model, device, ac=ac, compile=args.compile, bf16=bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=args.betas, eps=args.eps,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+
+    steps_per_epoch = len(loader)
+    total = args.max_steps or args.epochs * steps_per_epoch
+    start = 0
+    if args.resume and existing:
+        start = load_checkpoint(existing[-1], model, optimizer, args, rank)
+        log(f"resumed from {existing[-1]} at step {start}")
+    elif args.resume:
+        log(f"no complete checkpoint in {out}; starting from scratch")
+    if rank == 0:  # drop metrics of steps the resumed run will redo
+        metrics_path = out / "metrics.jsonl"
+        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    log(f"{args.stage}: {n_params:,} parameters, {len(loader.examples):,} examples ({loader.dropped:,} longer "
+        f"than {args.max_len} tokens dropped, {loader.truncated:,} truncated), {total} steps of "
+        f"{args.batch_size}, {world} rank(s) on {device.type}, {'bf16' if bf16 else 'fp32'}, "
+        f"activation checkpointing {'on' if ac else 'off'}")
+    peak_flops = next((f for name, f in PEAK_FLOPS if device.type == "cuda" and
+                       name in torch.cuda.get_device_name(device)), None)
+    params = [p for p in model.parameters()]
+    t_start = time.time()
+    step_times = []
+
+    for step in range(start, total):
+        t0 = time.time()
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        lr = lr_at(step, total, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_examples, n_loss_tokens = loader.step_counts(epoch, in_epoch)
+        # sums over this rank's micro-batches: loss, tokens, FLOPs, then the pair statistics of stage_loss
+        stats = torch.zeros(8, dtype=torch.float64, device=device)
+        try:
+            for mb in loader.micro_batches(epoch, in_epoch):
+                mb = mb.to(device)
+                logps, lengths = sequence_logps(model, mb)
+                loss, pair_stats = stage_loss(args, logps, lengths, mb, ref, n_examples, n_loss_tokens)
+                # FSDP averages gradients over ranks; the loss is already a share of the global mean
+                (loss * world).backward()
+                stats += torch.tensor([loss.item(), sum(mb.doc_lengths), flops(config, n_params, mb.doc_lengths),
+                                       *pair_stats], dtype=torch.float64, device=device)
+        except torch.cuda.OutOfMemoryError:
+            raise SystemExit(f"error: out of memory at step {step} (rank {rank}, micro-batches of up to "
+                             f"{args.micro_tokens} tokens): lower --micro-tokens"
+                             f"{'' if ac else ' or enable activation checkpointing (drop --no-ac)'}") from None
+        dist.all_reduce(stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        loss_value = float(stats[0])
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise SystemExit(f"error: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
+                             f"at step {step} (loss {loss_value}, gradient norm {grad_norm}); stopped before the "
+                             f"optimizer step, the last checkpoint in {out} is intact. Lower --lr or check the data.")
+        before = [p.detach().to_local().clone() for p in params]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach().to_local() for p in params], before)))
+        update_sq = (update.double() ** 2).sum()
+        dist.all_reduce(update_sq)
+        del before
+
+        dt = time.time() - t0
+        step_times.append(dt)
+        record = metrics_record(args, step + 1, epoch, lr, loss_value, grad_norm, float(update_sq.sqrt()), stats,
+                                dt, world, peak_flops, device)
+        record["eta_s"] = round(float(np.mean(step_times[-20:])) * (total - step - 1))
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % args.log_every == 0 or step + 1 == total:
+                log(format_record(record, total))
+        done = step + 1 == total
+        if (args.save_every and (step + 1) % args.save_every == 0) or done or step + 1 == args.stop_at:
+            path = save_checkpoint(out, step + 1, model, optimizer, args, config, rank)
+            log(f"saved {path}")
+        if step + 1 == args.stop_at and not done:
+            log(f"stopped at step {step + 1} as asked; continue with --resume")
+            return
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model_lib.save_state_dict(full, config, out / "final", tokenizer_from=args.model)
+        log(f"done: {total} steps in {time.time() - t_start:.0f}s; model in {out / 'final'}")
+    dist.barrier()
+
+
+def stage_loss(args, logps, lengths, mb, ref, n_examples: int, n_loss_tokens: int):
+    """This micro-batch's share of the stage's loss, and sums for the log (zero for SFT): chosen and rejected
+    mean per-token log-prob (the paper's LogPS), reward margin, correctly ordered pairs, pairs."""
+    if args.stage == "sft":
+        return losses.sft_loss(logps, n_loss_tokens), [0.0] * 5
+    c, r = logps[0::2], logps[1::2]  # (P,) chosen and rejected of each triplet
+    lc, lr_ = lengths[0::2], lengths[1::2]
+    if args.stage == "redi":
+        loss = losses.redi_loss(c, lc, r, lr_, args.alpha, n_examples)
+        margin = c / lc - r / lr_
+    elif args.stage == "simpo":
+        loss = losses.simpo_loss(c, lc, r, lr_, args.beta, args.gamma, n_examples)
+        margin = args.beta * (c / lc - r / lr_)
+    else:
+        ids = mb.example_ids[0::2]
+        ref_c, ref_r = ref[ids, 0].float(), ref[ids, 1].float()
+        loss = losses.dpo_loss(c, r, ref_c, ref_r, args.beta, n_examples)
+        margin = args.beta * ((c - ref_c) - (r - ref_r))
+    with torch.no_grad():
+        return loss, [(c / lc).sum().item(), (r / lr_).sum().item(), margin.sum().item(),
+                      (margin > 0).sum().item(), float(len(c))]
+
+
+def metrics_record(args, step, epoch, lr, loss, grad_norm, update_norm, stats, dt, world, peak_flops, device) -> dict:
+    _, tokens, n_flops, logp_c, logp_r, margin, correct, pairs = stats.tolist()
+    rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "update_norm": update_norm,
+           "tokens": int(tokens), "tokens_per_s": tokens / dt, "step_s": dt,
+           # MFU: model FLOPs of the step over what the devices could have done meanwhile
+           "mfu": n_flops / (dt * world * peak_flops) if peak_flops else None}
+    if args.stage != "sft":
+        rec |= {"logps_chosen": logp_c / pairs, "logps_rejected": logp_r / pairs, "margin": margin / pairs,
+                "accuracy": correct / pairs}
+    rec["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return rec
+
+
+def format_record(r: dict, total: int) -> str:
+    """One fixed-format line per step."""
+    eta = str(datetime.timedelta(seconds=r["eta_s"]))
+    parts = [f"step {r['step']:>6}/{total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
+             f"gnorm {r['grad_norm']:.3f}", f"upd {r['update_norm']:.2e}"]
+    if "logps_chosen" in r:
+        parts += [f"logps {r['logps_chosen']:.3f}/{r['logps_rejected']:.3f}", f"margin {r['margin']:.4f}",
+                  f"acc {r['accuracy']:.2f}"]
+    mfu = f"mfu {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "mfu n/a"
+    parts += [f"{r['tokens_per_s']:,.0f} tok/s", mfu, f"mem {r['peak_mem_gib']:.1f}GiB", f"{r['step_s']:.2f}s",
+              f"eta {eta}"]
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
