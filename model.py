@@ -296,6 +296,16 @@ class KVCache:
         view.lengths = self.lengths[index:index + 1]
         return view
 
+    def kv_len(self, position_ids: Tensor) -> int:
+        """How many cached positions this forward attends to (checked against the cache size)."""
+        kv_len = int(position_ids.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"KV cache overflow: position {kv_len - 1} >= cache length {self.max_len}")
+        return kv_len
+
+    def advance(self, position_ids: Tensor) -> None:
+        self.lengths.copy_(position_ids[:, -1] + 1)
+
     def update(self, layer: int, k: Tensor, v: Tensor, position_ids: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Write the new keys/values (B, Hkv, T, hd) at their positions; return the cache prefix to attend to."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
@@ -432,7 +442,8 @@ class Qwen2ForCausalLM(nn.Module):
         position_ids (B, T): positions restarting at 0 at each packed document; attention is causal within a
             document and blocked across documents. Default 0..T-1 (from attention_mask when given).
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
-        cache: decode with a KVCache; positions default to continuing each row's cached length.
+        cache: decode with a KV cache (KVCache, or any object with its kv_len/update/advance methods, like the
+            sampler's paged cache); positions default to continuing each row's cached length.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -443,11 +454,12 @@ class Qwen2ForCausalLM(nn.Module):
                 raise ValueError("attention_mask is not supported with a KV cache: give each row its own slot")
             if position_ids is None:
                 position_ids = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
-            kv_len = int(position_ids.max()) + 1
-            if kv_len > cache.max_len:
-                raise ValueError(f"KV cache overflow: position {kv_len - 1} >= cache length {cache.max_len}")
-            slots = torch.arange(kv_len, device=input_ids.device)
-            mask = AttnMask(dense=(slots <= position_ids[:, :, None])[:, None])  # (B, 1, T, kv_len)
+            kv_len = cache.kv_len(position_ids)
+            if kv_len == T:  # a prefill of empty rows: plain causal attention over the new keys
+                mask = AttnMask()
+            else:
+                slots = torch.arange(kv_len, device=input_ids.device)
+                mask = AttnMask(dense=(slots <= position_ids[:, :, None])[:, None])  # (B, 1, T, kv_len)
         else:
             packed = position_ids is not None
             if position_ids is None:
@@ -462,7 +474,7 @@ class Qwen2ForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache, position_ids, kv_len)
         x = self.model.norm(x)
         if cache is not None:
-            cache.lengths.copy_(position_ids[:, -1] + 1)
+            cache.advance(position_ids)
         return x if return_hidden else self.lm_head(x)
 
     def num_parameters(self) -> int:
