@@ -1,0 +1,415 @@
+"""Batched sampling with a paged KV cache and continuous batching, on model.py.
+
+    python sample.py --model runs/redi/final --prompt "What is 1+1?" --n 4 --temperature 0.6 --top-p 0.95 \\
+        --max-new-tokens 2048
+
+Reasoning traces run from hundreds to 32k tokens, so a static batch mostly waits for its longest member. Here
+a fixed number of slots decode together and a finished slot takes the next waiting sequence at once. KV
+memory is a pool of fixed-size blocks handed out as sequences grow (a paged cache), so memory follows actual
+lengths; a prompt is prefilled once and its full blocks are shared by its n samples (each copies only the
+partial last block). When the pool runs out, the newest sequence is preempted and recomputed later.
+
+Randomness is counter-based: the token a sample draws at step t depends only on (seed, prompt index, sample
+index, t) and the model's logits, never on which slot or batch it ran in. A seed therefore gives the same
+outputs whatever the memory budget, the scheduling, a preemption, a resumed evaluation or the number of GPUs.
+
+Public API: `generate(model, prompts, *, max_new_tokens, temperature, top_p, top_k, stop_ids, n, seed)`, and
+`Sampler.stream(...)`, which yields each (prompt, sample) as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from collections import deque
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+import data as data_lib
+import model as model_lib
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    stop_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling parameters: {self}")
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer on int64 tensors holding values in [0, 2^32); products stay below 2^59."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def uniforms(seed: int, prompt: Tensor, sample: Tensor, step: Tensor) -> Tensor:
+    """One uniform in (0, 1) per row, float64 with 53 random bits, from (seed, prompt, sample, step) alone."""
+    key = _hash32(_hash32(_hash32(torch.full_like(prompt, seed & 0xFFFFFFFF)) ^ prompt) ^ sample)
+    key = _hash32(key ^ step)
+    hi, lo = _hash32(key ^ 0x9E3779B9) >> 5, _hash32(key ^ 0x7F4A7C15) >> 6  # 27 + 26 bits
+    return ((hi * (1 << 26) + lo).double() + 0.5) / 2.0**53
+
+
+def sample_tokens(logits: Tensor, params: SamplingParams, u: Tensor | None) -> Tensor:
+    """Next token of each row from (B, V) logits: greedy at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top-k tokens (ties at the k-th value kept) and then to
+    the nucleus (the most probable tokens whose mass, before each, is below top_p), by inverting the CDF
+    of the truncated distribution at the row's uniform u (B,)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    scores, order = (logits.float() / params.temperature).sort(dim=-1, descending=True, stable=True)  # (B, V)
+    if params.top_k:
+        kth = scores[:, min(params.top_k, scores.shape[-1]) - 1:][:, :1]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(dim=-1).double()  # (B, V), descending
+    if params.top_p < 1.0:
+        before = probs.cumsum(dim=-1) - probs  # mass of the more probable tokens
+        probs = probs.masked_fill(before >= params.top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    rank = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    return order.gather(1, rank)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# Paged KV cache
+
+
+class PagedKVCache:
+    """Keys and values in a pool of blocks of `block_size` positions: (L, n_blocks * block_size, Hkv, hd).
+
+    The scheduler owns the bookkeeping (free list, reference counts, each sequence's block list) on the host
+    and, before each forward, sets `table` (B, max blocks) and `attend` (the longest row's length after this
+    forward). Block 0 is scratch: table padding points there. Attention reads masked positions too, and
+    0 * NaN is NaN, so blocks are zeroed when handed out (in one write, before the next forward) rather than
+    the whole pool up front.
+    """
+
+    def __init__(self, config: model_lib.Qwen2Config, n_blocks: int, block_size: int, *,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (config.num_hidden_layers, n_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.free = list(range(n_blocks - 1, 0, -1))
+        self.refs = [0] * n_blocks
+        self.fresh = [0]  # blocks to zero before the next forward
+        self.table = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.attend = 0
+
+    @staticmethod
+    def bytes_per_token(config: model_lib.Qwen2Config, dtype: torch.dtype) -> int:
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+    def allocate(self) -> int:
+        block = self.free.pop()
+        self.refs[block] = 1
+        self.fresh.append(block)
+        return block
+
+    def release(self, blocks: Sequence[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
+
+    def _slots(self, blocks: Tensor) -> Tensor:
+        """Pool rows of whole blocks: (...,) block ids -> (..., block_size) positions in the pool."""
+        return blocks[..., None] * self.block_size + torch.arange(self.block_size, device=blocks.device)
+
+    def zero_fresh(self) -> None:
+        if self.fresh:
+            rows = self._slots(torch.tensor(self.fresh, device=self.k.device)).flatten()
+            self.k[:, rows] = 0
+            self.v[:, rows] = 0
+            self.fresh.clear()
+
+    def copy_block(self, src: int) -> int:
+        dst = self.allocate()
+        self.fresh.remove(dst)
+        rows = self._slots(torch.tensor([src, dst], device=self.k.device))
+        self.k[:, rows[1]] = self.k[:, rows[0]]
+        self.v[:, rows[1]] = self.v[:, rows[0]]
+        return dst
+
+    # the model's cache protocol: kv_len runs once per forward, update once per layer
+    def kv_len(self, position_ids: Tensor) -> int:
+        """Pool rows to write (this forward's positions) and to read (every row's positions 0 .. attend-1)."""
+        bs = self.block_size
+        self._write = self.table.gather(1, position_ids // bs) * bs + position_ids % bs  # (B, T)
+        self._read = self._slots(self.table[:, :math.ceil(self.attend / bs)]).flatten(1)[:, :self.attend]  # (B, S)
+        return self.attend
+
+    def advance(self, position_ids: Tensor) -> None:
+        pass
+
+    def update(self, layer: int, k: Tensor, v: Tensor, position_ids: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, T, hd) at their positions; return this layer's keys and values of every row's
+        positions 0 .. kv_len-1 (the new ones themselves for a prefill)."""
+        B, Hkv, T, hd = k.shape
+        self.k[layer].index_copy_(0, self._write.flatten(), k.transpose(1, 2).reshape(B * T, Hkv, hd))
+        self.v[layer].index_copy_(0, self._write.flatten(), v.transpose(1, 2).reshape(B * T, Hkv, hd))
+        if kv_len == T:
+            return k, v
+        read = lambda pool: pool[layer].index_select(0, self._read.flatten()).view(B, kv_len, Hkv, hd).transpose(1, 2)  # noqa: E731
+        return read(self.k), read(self.v)  # (B, Hkv, S, hd)
+
+
+# -----------------------------------------------------------------------------
+# Continuous batching
+
+
+@dataclasses.dataclass
+class _Seq:
+    prompt: int
+    sample: int
+    blocks: list[int]
+    length: int  # tokens in the cache (the last generated token is not yet in it)
+    tokens: list[int]  # generated so far
+    admitted: int  # admission order, for preemption
+
+
+@dataclasses.dataclass
+class _Prefix:
+    """A prefilled prompt whose samples are still being admitted: it holds a reference to its blocks."""
+
+    prompt: int
+    blocks: list[int]
+    length: int
+    logits: Tensor  # (V,) of the last prompt position
+    samples: deque[int]
+
+
+class Sampler:
+    """Continuous-batching generation over a paged KV cache.
+
+    kv_gib: memory for the KV pool (default: 70% of free GPU memory; 2 GiB on CPU). max_slots: sequences
+    decoded together. sync_every: decode steps between host synchronizations (finished sequences are only
+    noticed, and replaced, at these points; on GPU this keeps the device busy).
+    """
+
+    def __init__(self, model: model_lib.Qwen2ForCausalLM, *, kv_gib: float | None = None, max_slots: int = 256,
+                 block_size: int = 32, sync_every: int | None = None) -> None:
+        self.model = model
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if kv_gib is None:
+            kv_gib = 0.7 * torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 2.0
+        n_blocks = int(kv_gib * 2**30 // (PagedKVCache.bytes_per_token(self.config, self.dtype) * block_size))
+        if n_blocks < 2:
+            raise ValueError(f"kv_gib={kv_gib} holds no KV block of {block_size} tokens for this model")
+        self.cache = PagedKVCache(self.config, n_blocks, block_size, device=self.device, dtype=self.dtype)
+        self.max_slots = max_slots
+        self.sync_every = sync_every or (16 if self.device.type == "cuda" else 1)
+        self.preemptions = 0
+
+    def _blocks_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.cache.block_size)
+
+    @torch.no_grad()
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1,
+               keys: Sequence[int] | None = None) -> Iterator[tuple[int, int, list[int]]]:
+        """Yield (prompt index, sample index, new tokens) for every sample of every prompt, as each finishes.
+        The tokens end with the stop token that ended them, if any. keys: a stable id per prompt for the
+        randomness (default: its index), so a prompt draws the same samples in any batch or shard."""
+        if not prompts or n < 1:
+            return
+        self.keys = list(keys) if keys is not None else list(range(len(prompts)))
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if self._blocks_for(len(p)) + self._own_blocks(len(p)) > len(self.cache.refs) - 1:  # block 0 is scratch
+                raise ValueError(f"prompt {i} ({len(p)} tokens) does not fit in the KV memory; raise kv_gib")
+        waiting = deque((i, deque(range(n))) for i in range(len(prompts)))  # prompts still to prefill
+        prefixes: deque[_Prefix] = deque()  # prefilled prompts with samples not yet admitted
+        active: list[_Seq] = []
+        admitted = 0
+        while waiting or prefixes or active:
+            # 1. admit: free slots take the next samples, prefilling a prompt once for all of its samples
+            while len(active) < self.max_slots and (prefixes or waiting):
+                if not prefixes:
+                    i, samples = waiting[0]
+                    if self._blocks_for(len(prompts[i])) + self._own_blocks(len(prompts[i])) > len(self.cache.free):
+                        break
+                    waiting.popleft()
+                    prefixes.append(self._prefill(i, prompts[i], samples))
+                prefix = prefixes[0]
+                if self._own_blocks(prefix.length) > len(self.cache.free):
+                    break
+                seq = self._fork(prefix, prefix.samples.popleft(), params, admitted)
+                admitted += 1
+                if not prefix.samples:
+                    self.cache.release(prefix.blocks)
+                    prefixes.popleft()
+                if self._done(seq, params):
+                    self.cache.release(seq.blocks)
+                    yield seq.prompt, seq.sample, seq.tokens
+                else:
+                    active.append(seq)
+            if not active:
+                if waiting or prefixes:
+                    raise RuntimeError("the KV memory cannot hold a single sequence; raise kv_gib")
+                break
+            # 2. room for the next tokens of every active sequence: drop waiting prefixes, then preempt the
+            # newest sequences (they restart later and, the randomness being counter-based, redo the same tokens)
+            steps = min(self.sync_every, min(params.max_new_tokens - len(s.tokens) for s in active))
+            while not self._grow(active, steps):
+                if prefixes:
+                    prefix = prefixes.pop()
+                    self.cache.release(prefix.blocks)
+                    waiting.appendleft((prefix.prompt, prefix.samples))
+                    continue
+                if len(active) == 1:
+                    raise RuntimeError(f"the KV memory cannot hold one sequence of {active[0].length + steps} "
+                                       f"tokens; raise kv_gib")
+                victim = max(active, key=lambda s: s.admitted)
+                active.remove(victim)
+                self.preemptions += 1
+                self.cache.release(victim.blocks)
+                waiting.appendleft((victim.prompt, deque([victim.sample])))
+            # 3. decode `steps` tokens for every active sequence without looking at them
+            new = self._decode(active, steps, params)  # (steps, B) on the host
+            # 4. harvest finished sequences
+            still = []
+            for b, seq in enumerate(active):
+                for t in new[:, b].tolist():
+                    seq.tokens.append(t)
+                    if self._done(seq, params):
+                        break
+                seq.length += steps
+                if self._done(seq, params):
+                    self.cache.release(seq.blocks)
+                    yield seq.prompt, seq.sample, seq.tokens
+                else:
+                    still.append(seq)
+            active = still
+
+    def _own_blocks(self, prompt_len: int) -> int:
+        """Blocks a new sample of a prompt needs for itself: its copy of the partial last prompt block and
+        growth until the next synchronization."""
+        return self._blocks_for(prompt_len + self.sync_every + 1) - prompt_len // self.cache.block_size
+
+    def _done(self, seq: _Seq, params: SamplingParams) -> bool:
+        return len(seq.tokens) >= params.max_new_tokens or (bool(seq.tokens) and seq.tokens[-1] in params.stop_ids)
+
+    def _prefill(self, i: int, prompt: Sequence[int], samples: deque[int]) -> _Prefix:
+        blocks = [self.cache.allocate() for _ in range(self._blocks_for(len(prompt)))]
+        ids = torch.tensor([prompt], device=self.device)
+        self.cache.zero_fresh()
+        self.cache.table = torch.tensor([blocks], device=self.device)
+        self.cache.attend = len(prompt)
+        hidden = self.model(ids, position_ids=torch.arange(len(prompt), device=self.device)[None], cache=self.cache,
+                            return_hidden=True)
+        logits = self.model.lm_head(hidden[0, -1]).float()  # (V,)
+        return _Prefix(i, blocks, len(prompt), logits, samples)
+
+    def _fork(self, prefix: _Prefix, sample: int, params: SamplingParams, admitted: int) -> _Seq:
+        """A new sequence on a prefilled prompt: full blocks shared, the partial last one copied; its first
+        token drawn from the prompt's last logits."""
+        full = prefix.length // self.cache.block_size
+        blocks = list(prefix.blocks[:full])
+        for b in blocks:
+            self.cache.refs[b] += 1
+        if full < len(prefix.blocks):
+            blocks.append(self.cache.copy_block(prefix.blocks[full]))
+        u = uniforms(params.seed, *(torch.tensor([x], device=self.device)
+                                    for x in (self.keys[prefix.prompt], sample, 0)))
+        first = int(sample_tokens(prefix.logits[None], params, u)[0])
+        return _Seq(prefix.prompt, sample, blocks, prefix.length, [first], admitted)
+
+    def _grow(self, active: list[_Seq], steps: int) -> bool:
+        """Give every sequence blocks for `steps` more tokens; False (allocating nothing) if the pool is short."""
+        need = [self._blocks_for(s.length + steps) - len(s.blocks) for s in active]
+        if sum(need) > len(self.cache.free):
+            return False
+        for s, k in zip(active, need):
+            s.blocks += [self.cache.allocate() for _ in range(k)]
+        return True
+
+    def _decode(self, active: list[_Seq], steps: int, params: SamplingParams) -> Tensor:
+        B = len(active)
+        self.cache.zero_fresh()
+        width = max(len(s.blocks) for s in active)
+        self.cache.table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in active],
+                                        device=self.device)  # (B, width)
+        tokens = torch.tensor([s.tokens[-1] for s in active], device=self.device)  # (B,)
+        pos = torch.tensor([s.length for s in active], device=self.device)  # (B,)
+        prompt_idx = torch.tensor([self.keys[s.prompt] for s in active], device=self.device)
+        sample_idx = torch.tensor([s.sample for s in active], device=self.device)
+        step_idx = torch.tensor([len(s.tokens) for s in active], device=self.device)
+        longest = max(s.length for s in active)
+        out = torch.empty(steps, B, dtype=torch.long, device=self.device)
+        for t in range(steps):
+            self.cache.attend = longest + t + 1
+            hidden = self.model(tokens[:, None], position_ids=pos[:, None] + t, cache=self.cache, return_hidden=True)
+            logits = self.model.lm_head(hidden[:, -1])  # (B, V)
+            u = uniforms(params.seed, prompt_idx, sample_idx, step_idx + t) if params.temperature else None
+            tokens = sample_tokens(logits, params, u)
+            out[t] = tokens
+        return out.cpu()
+
+
+def generate(model: model_lib.Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] = (), n: int = 1,
+             seed: int = 0, kv_gib: float | None = None, max_slots: int = 256) -> list[list[int]]:
+    """The new tokens of every (prompt, sample), prompt-major: out[i * n + j] is sample j of prompt i."""
+    params = SamplingParams(max_new_tokens, temperature, top_p, top_k, tuple(stop_ids), seed)
+    out: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+    for i, j, tokens in Sampler(model, kv_gib=kv_gib, max_slots=max_slots).stream(prompts, params, n):
+        out[i * n + j] = tokens
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--think", action="store_true", help="force thinking: the evaluation prompt ending in <think>")
+    p.add_argument("--n", type=int, default=1, help="samples")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-gib", type=float, help="KV cache memory (default: 70%% of free GPU memory, 2 GiB on CPU)")
+    args = p.parse_args(argv)
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model_lib.load_pretrained(args.model, device=device,
+                                          dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size)
+    except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    text = args.prompt if args.raw else (data_lib.eval_prompt_text(args.prompt) if args.think
+                                         else data_lib.prompt_text(args.prompt))
+    prompt = tok.encode(text, add_special_tokens=False).ids
+    stops = [tok.token_to_id(data_lib.IM_END), tok.token_to_id(data_lib.ENDOFTEXT)]
+    outs = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, stop_ids=stops, n=args.n, seed=args.seed, kv_gib=args.kv_gib)
+    for j, tokens in enumerate(outs):
+        print(f"--- sample {j} ({len(tokens)} tokens)")
+        print(tok.decode(tokens, skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    main()
