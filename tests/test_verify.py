@@ -1,0 +1,266 @@
+"""verify.py: labelled cases (tests/verify_cases.jsonl), safety against hostile answers, bounded cost, API."""
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [json.loads(line) for line in (ROOT / "tests" / "verify_cases.jsonl").read_text().splitlines()]
+BY_CATEGORY = defaultdict(list)
+for _case in CASES:
+    if "known_miss" not in _case:
+        BY_CATEGORY[_case["category"]].append(_case)
+
+
+def test_case_file_covers_every_category():
+    assert len(CASES) >= 400
+    hand = {c["category"] for c in CASES if not c["category"].startswith("bench:")}
+    assert {"integer", "decimal", "scientific", "fraction", "radical", "complex", "set_list", "tuple", "interval",
+            "equation", "inequality", "matrix", "choice", "text", "base", "units", "degree", "percent",
+            "extraction", "injection", "adversarial"} <= hand
+    benches = {c["category"] for c in CASES if c["category"].startswith("bench:")}
+    assert benches == {f"bench:{b}" for b in ("aime24", "amc23", "math500", "minerva", "olympiadbench")}
+    for bench in benches:  # every benchmark gold has a true rewrite and a near miss
+        labels = {c["expected"] for c in CASES if c["category"] == bench}
+        assert labels == {True, False}
+
+
+@pytest.mark.parametrize("category", sorted(BY_CATEGORY))
+def test_labelled_cases(category, tmp_path):
+    wrong = []
+    for case in BY_CATEGORY[category]:
+        response = case["response"].replace("MARKER", str(tmp_path / "marker"))
+        if verify.grade(response, case["gold"]) != case["expected"]:
+            wrong.append((case["answer"], case["gold"], case["expected"]))
+    assert not wrong, f"{len(wrong)}/{len(BY_CATEGORY[category])} wrong: {wrong[:10]}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "known_miss" in c], ids=lambda c: c["answer"])
+def test_known_misses_are_still_missed(case):
+    """Documented limitations: when one gets fixed, move it to the ordinary cases."""
+    assert verify.grade(case["response"], case["gold"]) != case["expected"], case["known_miss"]
+
+
+PAYLOADS = [
+    "__import__('os').system('touch {m}')",
+    "exec(\"open('{m}', 'w').write('x')\")",
+    "eval(\"__import__('os').system('touch {m}')\")",
+    "sympify(\"__import__('os').system('touch {m}')\")",
+    "parse_expr(\"__import__('os').system('touch {m}')\")",
+    "S(\"__import__('os').system('touch {m}')\")",
+    "__builtins__.__dict__['__import__']('os').system('touch {m}')",
+    "().__class__.__base__.__subclasses__()[0].__init__.__globals__['sys'].modules['os'].system('touch {m}')",
+    "lambda: __import__('subprocess').run(['touch', '{m}'])",
+    "open('{m}','w')",
+    "x=__import__('os').system('touch {m}')",
+    "\\text{__import__('os').system('touch {m}')}",
+    "\\operatorname{eval}(\"open('{m}','w')\")",
+]
+
+
+def test_injection_never_executes(tmp_path):
+    marker = tmp_path / "pwned"
+    answers = [p.replace("{m}", str(marker)) for p in PAYLOADS]
+    golds = ["0", answers[0], "x"]  # even a gold equal to the payload is only compared, never run
+    for answer in answers:
+        for gold in golds[::2]:
+            assert verify.is_equivalent(answer, gold) is False
+            assert verify.grade(f"The answer is $\\boxed{{{answer}}}$.", gold) is False
+    assert verify.is_equivalent(answers[0], answers[0]) is True  # identical text is equal text
+    batch = verify.grade_batch([(f"\\boxed{{{a}}}", "0") for a in answers], workers=2)
+    assert batch.correct == [False] * len(answers)
+    assert not marker.exists()
+    banned = {"eval", "exec", "compile", "sympify", "parse_expr", "parse_latex", "lambdify", "S", "__import__"}
+    for node in ast.walk(ast.parse((ROOT / "verify.py").read_text())):  # no string-to-code entry point is called
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "re":
+                continue  # re.compile builds regexes, not code
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            assert name not in banned, f"verify.py calls {name} (line {node.lineno})"
+
+
+@pytest.mark.parametrize("answer, gold", [(r"\text{exec}(1)", "1"), (r"\mathrm{exec}(1)", "1"),
+                                          (r"\mathrm{eval}(2)", "2"), (r"\operatorname{system}(3)", "3")])
+def test_a_word_applied_to_the_gold_is_not_the_gold(answer, gold):
+    """Unit words are dropped (`5\text{ m}` is 5), but a word applied to a parenthesis is not a unit: an
+    injection-shaped answer wrapped around the right number is still incorrect."""
+    assert verify.is_equivalent(answer, gold) is False
+    assert verify.is_equivalent(rf"{gold}\text{{ m}}", gold) is True
+
+
+ADVERSARIAL = [
+    r"10^{10^{10^{10}}}", "9^{9^{9^{9}}}", "9**9**9**9", r"(10^{10})!", "100000!", "2^{2^{100}}",
+    r"\binom{10^{9}}{5\cdot 10^{8}}", "x^{10^{100}}", r"\sqrt{10^{5000}+1}", r"e^{e^{e^{e^{10}}}}", "1e999999999",
+    "(3/2)^{10^{9}}", r"\sqrt{2}^{10^{9}}", "1" * 5000, "{" * 10_000 + "1" + "}" * 10_000,
+    r"\frac{1}{" * 300 + "2" + "}" * 300, "(" * 3000 + "1" + ")" * 3000, r"\sqrt{" * 500 + "2" + "}" * 500,
+    "x" * 1_000_000, r"\left(" * 2000, "2^" * 5000 + "2", r"\begin{pmatrix}" + "1&" * 5000 + r"\end{pmatrix}",
+    r"\frac{d!}{(d-k)!}" * 200, "10^{-10^{10}}", r"\pi^{10^{9}}", r"\sin(10^{10^{5}})", r"\lfloor 10^{4000}\pi \rfloor",
+]
+
+
+@pytest.mark.parametrize("answer", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+def test_adversarial_answers_fail_fast(answer):
+    start = time.monotonic()
+    assert verify.is_equivalent(answer, "5") is False
+    assert verify.grade("\\boxed{" + answer + "}", "5") is False
+    assert time.monotonic() - start < 2.0
+
+
+def test_huge_responses_fail_fast():
+    start = time.monotonic()
+    assert verify.grade("a" * 1_000_000, "5") is False
+    assert verify.grade("\\boxed{" * 100_000, "5") is False
+    assert verify.grade("\\boxed{" + "{" * 10_000 + "5" + "}" * 10_000 + "}", "5") is False  # over the size limits
+    assert verify.grade("x" * 1_000_000 + "\\boxed{5}", "5") is True
+    assert verify.grade("\\boxed{" + "1" * 1_000_000 + "}", "5") is False
+    assert verify.is_equivalent("5", "1" * 1_000_000) is False
+    assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"5", "", " ", "\\", "{", "}", "{{}", "\\frac{", "\\frac{1}{",
+                                 "\\begin{pmatrix}", "\\end{pmatrix}", "$", "$$", "()", "(,)", "[", "|", "^", "_",
+                                 "1/0", "0^{-1}", "\\log 0", "\\sqrt{-1}", "\\infty - \\infty", "0/0", "\x00",
+                                 "\\boxed{", "\ud800", "\\text{", "1..2", "--1", "\\left(", "\\\\", "&", "'",
+                                 "\\overline{", "1_", "e^", "\\sin", "\\binom{1}", "5!!!!!!", "x_{", "%", "\u00b0"])
+def test_never_raises(bad):
+    for answer, gold in ((bad, "5"), ("5", bad), (bad, bad)):
+        assert verify.is_equivalent(answer, gold) in (True, False)
+        assert verify.grade(answer, gold) in (True, False)
+        assert verify.grade(answer, gold, require_boxed=False) in (True, False)
+    assert verify.extract_answer(bad) is None or isinstance(verify.extract_answer(bad), str)
+
+
+def test_deep_nesting_stays_within_recursion_limit():
+    depth = sys.getrecursionlimit()
+    for n in (30, 31, 45, 100, 1000):
+        nested = r"\frac{1}{" * n + "2" + "}" * n  # 2 or 1/2 depending on parity
+        assert verify.is_equivalent(nested, "2" if n % 2 == 0 else r"\frac12") is (n <= 31)
+    assert sys.getrecursionlimit() == depth
+
+
+def test_extract_answer():
+    paper_format = "Therefore, the final answer is: $\\boxed{\\frac{1}{2}}$. I hope it is correct"
+    assert verify.extract_answer(paper_format) == "\\frac{1}{2}"
+    assert verify.extract_answer("no box here") is None
+    assert verify.extract_answer("\\boxed {12}") == "12"
+    assert verify.extract_answer("\\fbox{12}") == "12"
+    assert verify.extract_answer("\\boxed 12") == "12"
+    assert verify.extract_answer("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"
+    assert verify.extract_answer("<think>\\boxed{1}</think> so \\boxed{2}") == "2"
+    assert verify.extract_answer("<think>\\boxed{1}</think> so two") == "1"
+    assert verify.extract_answer("\\boxed{1} and \\boxed{2}") == "1, 2"
+    assert verify.extract_answer("$x = \\boxed{1}$, $y = \\boxed{2}$") == "1, 2"
+    assert verify.extract_answer("\\boxed{1}. Then after more work we find \\boxed{2}") == "2"
+    assert verify.extract_answer("\\boxed{5}\n\n**Final Answer**\n\\boxed{5}") == "5"
+    assert verify.extract_answer("\\boxed{5} then \\boxed{6") == "5"
+    assert verify.extract_answer("\\boxedx{5}") is None
+
+
+def test_require_boxed_is_a_switch():
+    assert verify.grade("The answer is 5.", "5") is False
+    assert verify.grade("The answer is 5.", "5", require_boxed=False) is True
+    assert verify.grade("Therefore, the final answer is: $\\frac{1}{2}$. I hope it is correct.", "0.5",
+                        require_boxed=False) is True
+    assert verify.grade("So we get $x = 7$.", "7", require_boxed=False) is True
+    assert verify.grade("No numbers at all.", "7", require_boxed=False) is False
+    assert verify.grade("\\boxed{4} although the answer is 5", "5", require_boxed=False) is False
+
+
+def test_timeout_is_enforced_in_process_and_in_child(monkeypatch):
+    def slow(answer, gold):
+        while True:
+            pass
+
+    monkeypatch.setattr(verify, "_equivalent", slow)
+    start = time.monotonic()
+    assert verify._verdict("1", "1", 0.3) == (False, True)
+    assert verify.is_equivalent("1", "1", timeout=0.3) is False
+    assert time.monotonic() - start < 2.0
+    monkeypatch.undo()
+
+    def blocked(_):  # stuck where no signal reaches: only the kill stops it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGINT})
+        time.sleep(60)
+
+    start = time.monotonic()
+    with verify._Budget(0.5), pytest.raises(verify._Timeout):
+        verify._in_child(blocked, None, 0.5)
+    assert time.monotonic() - start < 3.0
+
+
+def test_symbolic_stage_runs_in_a_child():
+    a, g = verify._read("x^2 + 2x + 1").plain, verify._read("(x+1)^2").plain
+    with verify._Budget(5.0):
+        assert verify._symbolic_eq(a, g) is True
+        assert verify._symbolic_eq(a, g + 1) is False
+
+
+def test_grade_batch_matches_grade_and_replaces_hung_workers(monkeypatch):
+    sample = [c for c in CASES if c["category"] in ("fraction", "interval", "extraction", "set_list")
+              and "known_miss" not in c]
+    pairs = [(c["response"], c["gold"]) for c in sample] * 2  # duplicates are verified once
+    result = verify.grade_batch(pairs, workers=2)
+    assert result.correct == [c["expected"] for c in sample] * 2
+    assert result.answers == [verify.extract_answer(r) for r, _ in pairs]
+    assert result.n_timeouts == 0 and result.timed_out == [False] * len(pairs)
+    assert dataclasses.is_dataclass(result)
+
+    real = verify._equivalent
+
+    def hang_on_marker(answer, gold):
+        if answer == "HANG":  # a hang no signal can stop (SIGALRM blocked): the parent must kill the worker
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(60)
+        return real(answer, gold)
+
+    monkeypatch.setattr(verify, "_equivalent", hang_on_marker)  # workers are forked: they see the patch
+    pairs = [("\\boxed{1}", "1"), ("\\boxed{HANG}", "1"), ("\\boxed{2}", "2"), ("\\boxed{3}", "4"), ("x", "1")] * 3
+    start = time.monotonic()
+    result = verify.grade_batch(pairs, timeout=0.5, workers=2)
+    assert time.monotonic() - start < 10.0
+    assert result.correct == [True, False, True, False, False] * 3
+    assert result.timed_out == [False, True, False, False, False] * 3
+    assert result.n_timeouts == 3
+    assert result.answers[4] is None
+    assert verify.grade_batch([]).correct == []
+
+
+def test_public_api_signatures():
+    assert str(inspect.signature(verify.extract_answer)) == "(response: 'str') -> 'str | None'"
+    assert str(inspect.signature(verify.is_equivalent)) == (
+        "(answer: 'str', gold: 'str', *, timeout: 'float' = 5.0) -> 'bool'")
+    assert str(inspect.signature(verify.grade)) == (
+        "(response: 'str', gold: 'str', *, timeout: 'float' = 5.0, require_boxed: 'bool' = True) -> 'bool'")
+    assert str(inspect.signature(verify.grade_batch)) == (
+        "(pairs: 'list[tuple[str, str]]', *, timeout: 'float' = 5.0, workers: 'int | None' = None, "
+        "require_boxed: 'bool' = True) -> 'BatchResult'")
+    fields = [f.name for f in dataclasses.fields(verify.BatchResult)]
+    assert fields == ["correct", "answers", "timed_out"]
+    assert verify.BatchResult([True, False], ["1", None], [False, True]).n_timeouts == 1
+
+
+def test_every_benchmark_gold_equals_itself():
+    for path in sorted((ROOT / "benchmarks").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            gold = json.loads(line)["answer"]
+            response = f"Therefore, the final answer is: $\\boxed{{{gold.strip('$')}}}$. I hope it is correct."
+            assert verify.grade(response, gold), gold
+
+
+def test_cli():
+    out = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--answer", "0.5", "--gold", "\\frac12"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip().endswith("correct") and "incorrect" not in out.stdout
