@@ -74,10 +74,15 @@ def prompt_text(problem: str) -> str:
     return chat_template([{"role": "user", "content": problem}], add_generation_prompt=True)
 
 
-def eval_prompt_text(user_content: str) -> str:
-    """The evaluation prompt with thinking forced, as in the authors' evaluation template: the generation
-    prompt is `<|im_start|>assistant<think>\\n` (no newline between "assistant" and "<think>")."""
-    return chat_template([{"role": "user", "content": user_content}]) + f"{IM_START}assistant<think>\n"
+def eval_prompt_text(user_content: str, style: str = "paper") -> str:
+    """The evaluation prompt with thinking forced. style "paper": the authors' evaluation template, whose
+    generation prompt is `<|im_start|>assistant<think>\\n` (no newline between "assistant" and "<think>");
+    "train": `<|im_start|>assistant\\n<think>\\n`, the way training traces begin. Large models do not mind
+    the difference; a tiny one trained on a few thousand traces does (the toy demo uses "train")."""
+    if style not in ("paper", "train"):
+        raise ValueError(f"style must be 'paper' or 'train', got {style!r}")
+    start = f"{IM_START}assistant<think>\n" if style == "paper" else f"{IM_START}assistant\n<think>\n"
+    return chat_template([{"role": "user", "content": user_content}]) + start
 
 
 # -----------------------------------------------------------------------------
@@ -753,7 +758,7 @@ def _slip(rng: np.random.Generator, value: int) -> int:
 
 
 def _arithmetic(rng: np.random.Generator) -> tuple[str, str, callable]:
-    a, b, c = (int(x) for x in rng.integers(2, 30, size=3))
+    a, b, c = (int(x) for x in rng.integers(2, 10, size=3))
     op1, op2 = (str(x) for x in rng.choice(list(_OPS), size=2))
     f1, f2 = _OPS[op1], _OPS[op2]
     multiply_first = op2 == "\\times" and op1 != "\\times"
@@ -776,9 +781,9 @@ def _arithmetic(rng: np.random.Generator) -> tuple[str, str, callable]:
 
 
 def _linear(rng: np.random.Generator) -> tuple[str, str, callable]:
-    a = int(rng.integers(2, 10))
+    a = int(rng.integers(2, 6))
     x = int(rng.integers(-9, 10))
-    b = int(rng.integers(-20, 21))
+    b = int(rng.integers(-9, 10))
     c = a * x + b
     sign, mag = ("+", b) if b >= 0 else ("-", -b)
     problem = f"Solve for $x$: ${a}x {sign} {mag} = {c}$."
@@ -819,11 +824,13 @@ def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200
     seen: set[str] = set()
 
     def fresh() -> tuple[str, str, callable]:
-        while True:
+        for _ in range(100_000):
             problem, gold, trace = toy_problem(rng)
             if problem not in seen:
                 seen.add(problem)
                 return problem, gold, trace
+        raise DataError(f"the toy generator ran out of distinct problems after {len(seen):,}; "
+                        f"ask for fewer (--n-train, --n-test)")
 
     test = [fresh()[:2] for _ in range(n_test)]  # held out first, so no training problem repeats them
     rows = []

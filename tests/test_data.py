@@ -77,6 +77,8 @@ def test_chat_template_token_ids_with_the_real_tokenizer(qwen_tok):
     assert ids.count(151645) == 2  # <|im_end|> closes the system and the user turns
     evaluation = qwen_tok.encode(D.eval_prompt_text("x"), add_special_tokens=False).ids
     assert evaluation[-5:] == [151644, 77091, 13708, 766, 397]  # <|im_start|> assistant <th ink >\n
+    as_trained = qwen_tok.encode(D.eval_prompt_text("x", style="train"), add_special_tokens=False).ids
+    assert as_trained == qwen_tok.encode(D.prompt_text("x") + "<think>\n", add_special_tokens=False).ids
     enc = D.ChatEncoder(qwen_tok)
     assert enc.responses(["<think>\nok"])[0] == [13708, 766, 397, 562, 151645]
 
@@ -451,6 +453,11 @@ def test_empty_micro_batches_pad_ranks():
 
 # -----------------------------------------------------------------------------
 # Toy corpus
+
+
+def test_toy_corpus_refuses_more_problems_than_it_has(tmp_path):
+    with pytest.raises(D.DataError, match="ran out of distinct problems"):
+        D.toy_corpus(tmp_path, n_train=20_000, n_test=10)
 
 
 def test_toy_corpus_is_deterministic_and_well_formed(tmp_path, toy):
