@@ -1,0 +1,270 @@
+"""pass@k on the paper's math benchmarks: sample with sample.py, grade with verify.py.
+
+    python evaluate.py --model runs/redi/final --benchmarks math500,aime24,amc23,minerva,olympiadbench \\
+        --samples 16 --out runs/redi/eval
+    torchrun --nproc_per_node 8 evaluate.py ...      # problems sharded across ranks, gathered on rank 0
+
+The paper's protocol (Appendix C.5): its instruction and the problem as the user turn, the chat template
+with the generation forced to start with <think>, temperature 0.6, top-p 0.95, up to 32,768 new tokens;
+pass@1 averaged over the k samples with the SEM of the k per-sample benchmark scores, and pass@k with the
+unbiased estimator. Benchmarks are the bundled benchmarks/<name>.jsonl or any JSONL file with `problem` and
+`answer` fields.
+
+Writes <out>/generations.rank<r>.jsonl while sampling (a rerun with the same --out skips finished
+problems; the sampler's randomness depends only on the seed and each problem's id, so a resumed run
+produces what an uninterrupted one would), then <out>/generations.jsonl (every generation with its
+extracted answer, verdict and token count) and <out>/results.json, and prints a table like the paper's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data as data_lib
+import model as model_lib
+import sample as sample_lib
+import verify
+
+ROOT = Path(__file__).resolve().parent
+BENCHMARKS = ("math500", "aime24", "amc23", "minerva", "olympiadbench")
+PROMPT = ("Solve the following math problem efficiently and clearly. The last line of your response should be "
+          "of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' "
+          "(without quotes) where ANSWER is just the final number or expression that solves the problem. "
+          "Think step by step before answering.\n\n{problem}")
+# Generation settings that must match for a rerun to reuse earlier generations.
+SETTINGS = ("model", "samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "prompt", "think_prompt")
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al., 2021): 1 - C(n-c, k) / C(n, k), the chance that k of the n samples,
+    drawn without replacement, include a correct one."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def benchmark_metrics(correct: np.ndarray, ks: list[int]) -> dict:
+    """correct: (problems, n) booleans. pass@1 is the mean over problems and samples; SEM (the paper's) is
+    the sample standard deviation of the n per-sample benchmark scores P_j (the score of every problem's
+    j-th sample) over sqrt(n); pass@k averages the unbiased estimator over problems."""
+    n = correct.shape[1]
+    per_sample = correct.mean(axis=0)  # (n,) P_1 .. P_n
+    sem = float(per_sample.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    counts = correct.sum(axis=1)
+    return {"problems": int(correct.shape[0]), "samples": n, "pass@1": float(correct.mean()), "sem": sem,
+            **{f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in counts])) for k in ks if k <= n}}
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks
+
+
+def load_benchmark(spec: str) -> tuple[str, list[dict]]:
+    """A bundled benchmark by name, or a JSONL file with `problem` and `answer` fields (`id` optional)."""
+    path = ROOT / "benchmarks" / f"{spec}.jsonl" if spec in BENCHMARKS else Path(spec)
+    if not path.is_file():
+        raise data_lib.DataError(f"{spec}: not a bundled benchmark ({', '.join(BENCHMARKS)}) or a JSONL file")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problem, answer = row["problem"], row["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise data_lib.DataError(f"{path}:{i + 1}: a benchmark line needs `problem` and `answer` ({e})") from None
+        rows.append({"id": str(row.get("id", i)), "problem": str(problem), "answer": str(answer)})
+    if len({r["id"] for r in rows}) != len(rows):
+        raise data_lib.DataError(f"{path}: ids are not unique")
+    return (spec if spec in BENCHMARKS else path.stem), rows
+
+
+def problem_key(bench: str, problem_id: str) -> int:
+    """A stable 32-bit id for the sampler's randomness: the same problem draws the same samples anywhere."""
+    return int(hashlib.sha256(f"{bench}/{problem_id}".encode()).hexdigest()[:8], 16)
+
+
+def read_generations(out: Path) -> dict[tuple[str, str], list[dict]]:
+    """Finished problems from every rank's file of an earlier or current run (a torn last line is ignored)."""
+    done = defaultdict(list)
+    for path in sorted(out.glob("generations.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[(rec["benchmark"], rec["id"])].append(rec)
+    return done
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS),
+                   help="comma-separated bundled names or JSONL paths (default: all five)")
+    p.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
+    p.add_argument("--samples", type=int, default=16, help="samples per problem (paper: 16; 4 for quick checks)")
+    p.add_argument("--pass-k", default=None, help="comma-separated k for pass@k (default: 1 and --samples)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32768)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=PROMPT, help="user-turn template with {problem} (default: the paper's)")
+    p.add_argument("--think-prompt", choices=["paper", "train"], default="paper",
+                   help="how the forced <think> starts the answer: paper = the authors' template "
+                        "(assistant<think>), train = as the training traces begin (assistant, newline, <think>)")
+    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    p.add_argument("--kv-gib", type=float, help="KV cache memory per rank (default: 70%% of free GPU memory)")
+    p.add_argument("--max-slots", type=int, default=256, help="sequences decoded together per rank")
+    p.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per verification")
+    args = p.parse_args(argv)
+    if "{problem}" not in args.prompt:
+        p.error("--prompt must contain {problem}")
+    args.ks = sorted({int(k) for k in args.pass_k.split(",")} if args.pass_k else {1, args.samples})
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from train import setup_distributed  # the same process-group setup as training (one process or torchrun)
+
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    try:
+        evaluate(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def evaluate(args, rank: int, world: int, device: torch.device) -> None:
+    out = Path(args.out)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    try:
+        benches = [load_benchmark(spec.strip()) for spec in args.benchmarks.split(",") if spec.strip()]
+        model = model_lib.load_pretrained(args.model, device=device,
+                                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size)
+    except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        settings_path = out / "settings.json"
+        if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+            raise SystemExit(f"error: {out} holds generations made with other settings; use another --out")
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    dist.barrier()
+
+    problems = [(name, row) for name, rows in benches for row in rows[:args.limit]]
+    done = read_generations(out)
+    todo = [(name, row) for name, row in problems if len(done.get((name, row["id"]), [])) < args.samples]
+    mine = todo[rank::world]
+    log(f"{len(problems)} problems, {len(problems) - len(todo)} already done, {len(todo)} to sample "
+        f"({args.samples} samples each, up to {args.max_new_tokens} new tokens) on {world} rank(s)")
+
+    stops = (tok.token_to_id(data_lib.IM_END), tok.token_to_id(data_lib.ENDOFTEXT))
+    params = sample_lib.SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, stops, args.seed)
+    prompts = [tok.encode(data_lib.eval_prompt_text(args.prompt.replace("{problem}", row["problem"]),
+                                                    args.think_prompt), add_special_tokens=False).ids
+               for _, row in mine]
+    keys = [problem_key(name, row["id"]) for name, row in mine]
+    pending: dict[int, list] = defaultdict(list)
+    generated, finished, t0, last_log = 0, 0, time.time(), 0.0
+    sampler = sample_lib.Sampler(model, kv_gib=args.kv_gib, max_slots=args.max_slots)
+    with open(out / f"generations.rank{rank}.jsonl", "a") as f:
+        for i, j, tokens in sampler.stream(prompts, params, n=args.samples, keys=keys):
+            pending[i].append((j, tokens))
+            generated += len(tokens)
+            if len(pending[i]) < args.samples:
+                continue
+            name, row = mine[i]
+            for j, toks in sorted(pending.pop(i), key=lambda x: x[0]):
+                cut = len(toks) >= args.max_new_tokens and toks[-1] not in stops
+                f.write(json.dumps({"benchmark": name, "id": row["id"], "sample": j, "tokens": len(toks),
+                                    "cut": cut, "completion": tok.decode(toks, skip_special_tokens=True)}) + "\n")
+            f.flush()  # a whole problem at a time, so a rerun never sees half of one
+            finished += 1
+            if time.time() - last_log > 10 or finished == len(mine):
+                last_log = time.time()
+                rate = generated / (last_log - t0)
+                eta = (last_log - t0) / finished * (len(mine) - finished)
+                log(f"  rank 0: {finished}/{len(mine)} problems, {rate:,.0f} generated tokens/s, "
+                    f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    dist.barrier()
+    if rank == 0:
+        report(args, out, benches, problems)
+    dist.barrier()
+
+
+def report(args, out: Path, benches, problems) -> None:
+    """Grade every generation, write generations.jsonl and results.json, print the table."""
+    done = read_generations(out)
+    records = [rec for name, row in problems
+               for rec in sorted(done[(name, row["id"])], key=lambda r: r["sample"])[:args.samples]]
+    gold = {(name, row["id"]): row["answer"] for name, row in problems}
+    t = time.time()
+    graded = verify.grade_batch([("<think>\n" + r["completion"], gold[(r["benchmark"], r["id"])]) for r in records],
+                                timeout=args.verify_timeout)
+    print(f"graded {len(records)} generations in {time.time() - t:.0f}s ({graded.n_timeouts} verifier timeouts)")
+    with open(out / "generations.jsonl", "w") as f:
+        for rec, ok, answer, timed_out in zip(records, graded.correct, graded.answers, graded.timed_out):
+            rec |= {"gold": gold[(rec["benchmark"], rec["id"])], "answer": answer, "correct": ok,
+                    "verify_timeout": timed_out}
+            f.write(json.dumps(rec) + "\n")
+    results = {"model": args.model, "settings": {k: getattr(args, k) for k in SETTINGS}, "benchmarks": {}}
+    for name, _ in benches:
+        recs = [r for r in records if r["benchmark"] == name]  # problem-major, samples in order
+        correct = np.array([r["correct"] for r in recs], dtype=bool).reshape(-1, args.samples)  # (problems, n)
+        results["benchmarks"][name] = benchmark_metrics(correct, args.ks) | {
+            "verify_timeouts": sum(r["verify_timeout"] for r in recs), "cut_at_limit": sum(r["cut"] for r in recs),
+            "mean_tokens": float(np.mean([r["tokens"] for r in recs]))}
+    scores = [m["pass@1"] for m in results["benchmarks"].values()]
+    results["average"] = {"pass@1": float(np.mean(scores))} | {
+        f"pass@{k}": float(np.mean([m[f"pass@{k}"] for m in results["benchmarks"].values()]))
+        for k in args.ks if k <= args.samples}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results, args.ks))
+
+
+def format_table(results: dict, ks: list[int]) -> str:
+    """A Markdown table like the paper's Table 1: pass@1 (%) +- SEM per benchmark and their average, then
+    pass@k rows, timeouts and truncations."""
+    benches = results["benchmarks"]
+    head = "| metric | " + " | ".join(benches) + " | avg |"
+    lines = [head, "|" + "---|" * (len(benches) + 2)]
+    lines.append("| pass@1 | " + " | ".join(f"{100 * m['pass@1']:.1f} ± {100 * m['sem']:.1f}" for m in benches.values())
+                 + f" | {100 * results['average']['pass@1']:.1f} |")
+    for k in ks:
+        if k > 1 and all(f"pass@{k}" in m for m in benches.values()):
+            lines.append(f"| pass@{k} | " + " | ".join(f"{100 * m[f'pass@{k}']:.1f}" for m in benches.values())
+                         + f" | {100 * results['average'][f'pass@{k}']:.1f} |")
+    lines.append("| problems | " + " | ".join(str(m["problems"]) for m in benches.values()) + " | |")
+    lines.append("| cut at limit | " + " | ".join(str(m["cut_at_limit"]) for m in benches.values()) + " | |")
+    lines.append("| verifier timeouts | " + " | ".join(str(m["verify_timeouts"]) for m in benches.values()) + " | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

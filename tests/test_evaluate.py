@@ -1,0 +1,127 @@
+"""evaluate.py: pass@k, SEM, and the whole evaluation on toy models, including resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+import data as D
+import evaluate as E
+import model as M
+import sample as S
+import verify
+
+
+def test_pass_at_k_against_hand_computed_values():
+    assert E.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert E.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert E.pass_at_k(5, 2, 4) == 1.0  # any 4 of 5 include one of the 2 correct
+    assert E.pass_at_k(16, 0, 16) == 0.0 and E.pass_at_k(16, 16, 1) == 1.0
+    assert E.pass_at_k(16, 1, 16) == 1.0 and E.pass_at_k(16, 1, 8) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        E.pass_at_k(4, 1, 5)
+
+
+def test_benchmark_metrics_against_hand_computed_values():
+    correct = np.array([[1, 0, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=bool)
+    m = E.benchmark_metrics(correct, ks=[1, 2, 4, 8])
+    assert m["pass@1"] == pytest.approx(8 / 12)
+    # per-sample scores P_j = 2/3, 1/3, 2/3, 1: sample std sqrt((1/9 + 1/9) / 3), over sqrt(4)
+    assert m["sem"] == pytest.approx(np.sqrt((2 / 9) / 3) / 2)
+    assert m["pass@2"] == pytest.approx((1 + 0.5 + 1) / 3)  # problem 2: 1 - C(3,2)/C(4,2)
+    assert m["pass@4"] == 1.0 and "pass@8" not in m
+    assert (m["problems"], m["samples"]) == (3, 4)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    D.toy_corpus(d / "toy", n_train=50, n_test=8, seed=2)
+    config = M.Qwen2Config.from_pretrained(d / "toy" / "model")
+    M.save_pretrained(M.build_model(config, seed=0), d / "model", tokenizer_from=d / "toy" / "model")
+    return d
+
+
+def run(toy, out, *extra):
+    E.main(["--model", str(toy / "model"), "--benchmarks", str(toy / "toy" / "test.jsonl"), "--out", str(out),
+            "--samples", "3", "--max-new-tokens", "12", "--prompt", "{problem}", *extra])
+    results = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    return results, records
+
+
+def test_end_to_end_on_a_toy_model(toy, tmp_path):
+    results, records = run(toy, tmp_path / "out", "--pass-k", "1,2,3")
+    m = results["benchmarks"]["test"]
+    assert m["problems"] == 8 and m["samples"] == 3 and len(records) == 24
+    assert {"pass@1", "pass@2", "pass@3", "sem", "cut_at_limit", "verify_timeouts"} <= set(m)
+    for r in records:  # every generation with its answer, verdict and token count
+        assert {"benchmark", "id", "sample", "completion", "tokens", "cut", "answer", "correct", "gold"} <= set(r)
+        assert r["correct"] == verify.grade("<think>\n" + r["completion"], r["gold"])
+        assert r["tokens"] == 12 or not r["cut"]  # cut: at the limit without a stop token
+    assert m["cut_at_limit"] == sum(r["cut"] for r in records)
+    assert m["pass@1"] == pytest.approx(np.mean([r["correct"] for r in records]))
+
+
+def scripted_stream(correct_of):
+    """A stand-in for the sampler: every sample answers with the gold answer when correct_of(problem,
+    sample) says so, else with a wrong one."""
+    def stream(self, prompts, params, n=1, keys=None):
+        tok = D.load_tokenizer(self._model_dir)
+        for i, prompt in enumerate(prompts):
+            gold = self._golds[i]
+            for j in range(n):
+                answer = gold if correct_of(i, j) else gold + "1"
+                text = f"ok</think>\n\nTherefore, the final answer is: $\\boxed{{{answer}}}$. I hope it is correct"
+                yield i, j, tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id(D.IM_END)]
+    return stream
+
+
+def test_metrics_of_a_scripted_run_are_exact(toy, tmp_path, monkeypatch):
+    golds = [json.loads(line)["answer"] for line in (toy / "toy" / "test.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(S.Sampler, "_model_dir", toy / "model", raising=False)
+    monkeypatch.setattr(S.Sampler, "_golds", golds, raising=False)
+    monkeypatch.setattr(S.Sampler, "stream", scripted_stream(lambda i, j: (i + j) % 3 == 0))
+    results, records = run(toy, tmp_path / "out")
+    correct = np.array([[(i + j) % 3 == 0 for j in range(3)] for i in range(8)])
+    assert [r["correct"] for r in records] == correct.flatten().tolist()
+    m = results["benchmarks"]["test"]
+    assert m["pass@1"] == pytest.approx(correct.mean())
+    assert m["pass@3"] == pytest.approx(1.0)  # every problem has exactly one correct sample of three
+    assert m["sem"] == pytest.approx(correct.mean(axis=0).std(ddof=1) / np.sqrt(3))
+    assert m["cut_at_limit"] == 0
+
+
+def test_resume_after_an_interrupted_run(toy, tmp_path, monkeypatch):
+    full_results, full = run(toy, tmp_path / "full")
+    real = S.Sampler.stream
+    seen = []
+
+    def dying(self, prompts, params, n=1, keys=None):
+        for k, item in enumerate(real(self, prompts, params, n, keys)):
+            if k == 12:  # killed half-way through the samples
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(S.Sampler, "stream", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(toy, tmp_path / "resumed")
+    finished = len(E.read_generations(tmp_path / "resumed"))  # problems written whole before the kill
+    assert 1 <= finished < 8
+    monkeypatch.setattr(S.Sampler, "stream", lambda self, prompts, *a, **k: seen.append(len(prompts)) or
+                        real(self, prompts, *a, **k))
+    results, records = run(toy, tmp_path / "resumed")
+    assert seen == [8 - finished]  # finished problems were not sampled again
+    assert records == full  # the counter-based randomness: the same samples as an uninterrupted run
+    assert results["benchmarks"] == full_results["benchmarks"]
+
+
+def test_bad_benchmark_and_settings_are_refused(toy, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"problem": "1+1"}\n')
+    with pytest.raises(SystemExit, match="needs `problem` and `answer`"):
+        E.main(["--model", str(toy / "model"), "--benchmarks", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="not a bundled benchmark"):
+        E.main(["--model", str(toy / "model"), "--benchmarks", "math5000", "--out", str(tmp_path / "o")])
+    run(toy, tmp_path / "o2")
+    with pytest.raises(SystemExit, match="other settings"):
+        run(toy, tmp_path / "o2", "--temperature", "1.0")
