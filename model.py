@@ -677,3 +677,28 @@ def replace_dir(tmp: Path, path: Path) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python model.py init --config <dir> --out <dir>`: a randomly initialized checkpoint from a config.json
+    (a toy model, or a from-scratch run); tokenizer files next to the config are copied along."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Qwen2 checkpoints")
+    sub = p.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="write a randomly initialized checkpoint for a config.json")
+    init.add_argument("--config", required=True, help="directory holding config.json (and tokenizer files)")
+    init.add_argument("--out", required=True, help="checkpoint directory to write")
+    init.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        config = Qwen2Config.from_pretrained(args.config)
+        save_pretrained(build_model(config, seed=args.seed), args.out, tokenizer_from=args.config)
+    except (ConfigError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote a randomly initialized {config.num_hidden_layers}-layer model to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
