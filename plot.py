@@ -41,12 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--title", default="", help="figure title")
     args = p.parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("error: plot.py needs matplotlib, an optional dependency: pip install matplotlib")
     labels = args.labels or [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
         sys.exit(f"error: {len(args.runs)} runs but {len(labels)} labels")
@@ -54,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         runs = [read_run(Path(r)) for r in args.runs]
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as e:
         sys.exit(f"error: not a train.py run directory with metrics.jsonl: {e}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: plot.py needs matplotlib, an optional dependency: pip install matplotlib")
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     panels = [("acc", "accuracy of checkpoints (%)"), ("chosen", "chosen LogPS"), ("rejected", "rejected LogPS"),

@@ -1,0 +1,64 @@
+"""The small command-line tools: model.py init and plot.py."""
+
+import builtins
+import json
+
+import pytest
+
+import model as M
+import plot
+
+
+def test_model_init_writes_a_loadable_random_checkpoint(tmp_path):
+    config = M.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "cfg" / "tokenizer.json").write_text("{}")
+    M.main(["init", "--config", str(tmp_path / "cfg"), "--out", str(tmp_path / "base"), "--seed", "3"])
+    model = M.load_pretrained(tmp_path / "base")
+    assert model.num_parameters() == M.build_model(config, device="meta").num_parameters()
+    assert model.model.norm.weight.abs().sum() > 0 and model.lm_head.weight.std() > 0.01  # initialized
+    assert (tmp_path / "base" / "tokenizer.json").read_text() == "{}"
+    with pytest.raises(SystemExit, match="config.json: not found"):
+        M.main(["init", "--config", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+
+
+def write_run(path, steps, with_eval):
+    path.mkdir(parents=True)
+    records = [{"step": s, "update_norm": 0.1 / s, "logps_chosen": -0.1 * s, "logps_rejected": -0.2 * s, "loss": 1.0}
+               for s in range(1, steps + 1)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if with_eval:
+        for s in (2, 4):
+            (path / f"step-{s:06d}" / "eval").mkdir(parents=True)
+            (path / f"step-{s:06d}" / "eval" / "results.json").write_text(json.dumps({"average": {"pass@1": s / 10}}))
+
+
+def test_plot_reads_runs_and_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "a", 5, with_eval=True)
+    write_run(tmp_path / "b", 4, with_eval=False)
+    run = plot.read_run(tmp_path / "a")
+    assert run["acc_step"] == [2, 4] and run["acc"] == pytest.approx([20.0, 40.0]) and len(run["step"]) == 5
+    plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    write_run(tmp_path / "a", 3, with_eval=False)
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig.png")])
+
+
+def test_plot_refuses_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="not a train.py run directory"):
+        plot.main([str(tmp_path), "--out", str(tmp_path / "fig.png")])
