@@ -28,7 +28,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -402,11 +401,12 @@ class _Outputs:
 
 
 def prepare(raw: list[str | os.PathLike], model_dir: str | os.PathLike, out: str | os.PathLike,
-            cfg: PrepareConfig = PrepareConfig(), log=print) -> Counts:
+            cfg: PrepareConfig | None = None, log=print) -> Counts:
     """Curate D_SFT and D_Pref from raw OpenR1-Math parquet files and tokenize them (see the module doc).
 
     Re-running with the same inputs, tokenizer and parameters reuses the outputs.
     """
+    cfg = cfg or PrepareConfig()
     out = Path(out)
     model_lib.check_replaceable(out, "manifest.json")
     files = raw_files(raw)

@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path

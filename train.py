@@ -15,8 +15,6 @@ Face layout, `state/` resumable through torch.distributed.checkpoint, `args.json
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import datetime
 import json
 import math
@@ -24,7 +22,6 @@ import os
 import resource
 import shutil
 import socket
-import sys
 import time
 import warnings
 from pathlib import Path

@@ -1,7 +1,6 @@
 """model.py against Hugging Face transformers' Qwen2ForCausalLM, fp32 on CPU, on random tiny configs."""
 
 import json
-import shutil
 
 import pytest
 import torch
