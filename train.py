@@ -281,7 +281,7 @@ def reference_logps(model, data: data_lib.TokenData, args, device: torch.device,
     and cached in <out>/ref_logps.pt, so DPO needs no second model in memory."""
     path = Path(args.out) / "ref_logps.pt"
     key = {"data": data.manifest["inputs"] + data.manifest["tokenizer"], "ref": str(args.ref_model or args.model),
-           "max_len": args.max_len, "truncate": args.truncate}
+           "max_len": args.max_len, "truncate": args.truncate, "rope_theta": args.rope_theta, "dtype": args.dtype}
     if path.is_file():
         cached = torch.load(path, weights_only=False)
         if cached["key"] == key:
