@@ -215,6 +215,15 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
 
 
+def _dcp(op, state: dict, path: Path) -> None:
+    """dcp.save or dcp.load. One process needs no coordination: gloo's object gather would also leave an
+    OpenMP team in its worker thread, and libgomp, then oversubscribed, stops spin-waiting, so small CPU ops
+    get ~10x slower for the rest of the run."""
+    with warnings.catch_warnings():  # no_dist warns that it assumes a single process, which it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        op(state, checkpoint_id=path, no_dist=dist.get_world_size() == 1)
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, args, config, rank: int) -> Path:
     """Write <out>/step-NNNNNN atomically: everything goes to a hidden temporary directory, renamed into place
     by rank 0 only after every rank has finished, so a killed save never looks complete."""
@@ -227,12 +236,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, args, config, rank: 
     if rank == 0:
         model_lib.save_state_dict(full, config, tmp / "model", tokenizer_from=args.model)
     del full
-    # One process needs no coordination; gloo's object gather would also leave an OpenMP team in its worker
-    # thread, and libgomp, then oversubscribed, stops spin-waiting: small CPU ops get ~10x slower for good.
-    with warnings.catch_warnings():  # no_dist warns that it assumes a single process, which it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=tmp / "state", no_dist=dist.get_world_size() == 1)
+    _dcp(dcp.save, {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+         tmp / "state")
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                 else None}, tmp / "state" / f"rng-{rank}.pt")
     if rank == 0:
@@ -256,9 +261,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, args, rank: int) -> int:
     if not (ckpt / "state").is_dir():
         raise SystemExit(f"error: {ckpt} has no resumable state (pruned by --keep-state)")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=ckpt / "state", no_dist=dist.get_world_size() == 1)
+    _dcp(dcp.load, state, ckpt / "state")
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = ckpt / "state" / f"rng-{rank}.pt"
@@ -295,7 +298,7 @@ def reference_logps(model, data: data_lib.TokenData, args, device: torch.device,
             found += [(int(e), float(c), float(r)) for e, c, r in
                       zip(mb.example_ids[0::2], logps[0::2].tolist(), logps[1::2].tolist())]
     gathered = [found]
-    if world > 1:  # (one process skips the object gather: see save_checkpoint)
+    if world > 1:  # (one process skips the object gather: see _dcp)
         gathered = [None] * world
         dist.all_gather_object(gathered, found)
     table = torch.full((len(data), 2), float("nan"), dtype=torch.float64)
