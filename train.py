@@ -437,9 +437,11 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         if step + 1 == args.stop_at and not done:
             log(f"stopped at step {step + 1} as asked; continue with --resume")
             return
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        model_lib.save_state_dict(full, config, out / "final", tokenizer_from=args.model)
+    if rank == 0:  # the last step always checkpoints: final/ is a copy of its model, not a second gather
+        tmp = out / f".final.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(complete_checkpoints(out)[-1] / "model", tmp)
+        model_lib.replace_dir(tmp, out / "final")
         log(f"done: {total} steps in {time.time() - t_start:.0f}s; model in {out / 'final'}")
     dist.barrier()
 
