@@ -327,10 +327,17 @@ class Sampler:
             self.cache.refs[b] += 1
         if full < len(prefix.blocks):
             blocks.append(self.cache.copy_block(prefix.blocks[full]))
-        u = uniforms(params.seed, *(torch.tensor([x], device=self.device)
-                                    for x in (self.keys[prefix.prompt], sample, 0)))
-        first = int(sample_tokens(prefix.logits[None], params, u)[0])
+        as_tensor = lambda x: torch.tensor([x], device=self.device)  # noqa: E731
+        first = int(self._draw(prefix.logits[None], params, as_tensor(self.keys[prefix.prompt]), as_tensor(sample),
+                               as_tensor(0))[0])
         return _Seq(prefix.prompt, sample, blocks, prefix.length, [first], admitted)
+
+    @staticmethod
+    def _draw(logits: Tensor, params: SamplingParams, prompt: Tensor, sample: Tensor, step: Tensor) -> Tensor:
+        """Next tokens (B,) for rows identified by (prompt key, sample, step): the same draw for a first token
+        and for a decoded one (no uniforms needed when greedy)."""
+        u = uniforms(params.seed, prompt, sample, step) if params.temperature else None
+        return sample_tokens(logits, params, u)
 
     def _grow(self, active: list[_Seq], steps: int) -> bool:
         """Give every sequence blocks for `steps` more tokens; False (allocating nothing) if the pool is short."""
@@ -358,8 +365,7 @@ class Sampler:
             self.cache.attend = longest + t + 1
             hidden = self.model(tokens[:, None], position_ids=pos[:, None] + t, cache=self.cache, return_hidden=True)
             logits = self.model.lm_head(hidden[:, -1])  # (B, V)
-            u = uniforms(params.seed, prompt_idx, sample_idx, step_idx + t) if params.temperature else None
-            tokens = sample_tokens(logits, params, u)
+            tokens = self._draw(logits, params, prompt_idx, sample_idx, step_idx + t)
             out[t] = tokens
         return out.cpu()
 
