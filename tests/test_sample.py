@@ -22,9 +22,10 @@ def models(tmp_path_factory):
     config = M.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     ours = M.build_model(config, seed=0)
+    g = torch.Generator().manual_seed(0)  # module fixtures run before the per-test seeding: seed explicitly
     with torch.no_grad():
         for p in ours.parameters():
-            p.normal_(0.0, 0.3)
+            p.normal_(0.0, 0.3, generator=g)
     path = tmp_path_factory.mktemp("sample") / "m"
     M.save_pretrained(ours, path)
     hf = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
