@@ -101,16 +101,18 @@ def problem_key(bench: str, problem_id: str) -> int:
 
 
 def read_generations(out: Path) -> dict[tuple[str, str], list[dict]]:
-    """Finished problems from every rank's file of an earlier or current run (a torn last line is ignored)."""
-    done = defaultdict(list)
+    """The samples of every problem in every rank's file of earlier or current runs, one record per sample in
+    sample order. A torn last line is ignored; a sample written twice (a run killed part-way through writing a
+    problem, which the next run samples again, identically) counts once."""
+    done = defaultdict(dict)
     for path in sorted(out.glob("generations.rank*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[(rec["benchmark"], rec["id"])].append(rec)
-    return done
+            done[(rec["benchmark"], rec["id"])][rec["sample"]] = rec
+    return defaultdict(list, {k: [v[j] for j in sorted(v)] for k, v in done.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -220,8 +222,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
 def report(args, out: Path, benches, problems) -> None:
     """Grade every generation, write generations.jsonl and results.json, print the table."""
     done = read_generations(out)
-    records = [rec for name, row in problems
-               for rec in sorted(done[(name, row["id"])], key=lambda r: r["sample"])[:args.samples]]
+    records = [rec for name, row in problems for rec in done[(name, row["id"])][:args.samples]]
     gold = {(name, row["id"]): row["answer"] for name, row in problems}
     t = time.time()
     graded = verify.grade_batch([("<think>\n" + r["completion"], gold[(r["benchmark"], r["id"])]) for r in records],

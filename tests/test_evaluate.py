@@ -116,6 +116,17 @@ def test_resume_after_an_interrupted_run(toy, tmp_path, monkeypatch):
     assert results["benchmarks"] == full_results["benchmarks"]
 
 
+def test_a_problem_written_in_part_then_again_counts_once(toy, tmp_path):
+    """A run killed while writing a problem leaves some of its samples; the rerun samples the problem again
+    and appends all of them: every sample still counts exactly once."""
+    _, full = run(toy, tmp_path / "full")
+    shard = (tmp_path / "full" / "generations.rank0.jsonl").read_text().splitlines()
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "generations.rank0.jsonl").write_text("\n".join(shard[:3 * 2 + 2]) + "\n")  # 2 + 2/3
+    _, records = run(toy, tmp_path / "partial")
+    assert records == full
+
+
 def test_bad_benchmark_and_settings_are_refused(toy, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"problem": "1+1"}\n')
     with pytest.raises(SystemExit, match="needs `problem` and `answer`"):
