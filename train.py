@@ -163,7 +163,8 @@ def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: 
 
     fully_shard keeps fp32 master weights sharded across ranks; MixedPrecisionPolicy all-gathers them as bf16
     for compute and reduces gradients in fp32. The embedding, final norm and (tied) head live in the root
-    group, so a tied weight stays one parameter.
+    group, so a tied weight stays one parameter. Forward inputs are not cast: the hidden states are already
+    bf16 (the embedding's output), and the RoPE cos/sin that every block receives stay fp32, as in sampling.
     """
     for i, block in enumerate(model.model.layers):
         if ac:
@@ -172,8 +173,8 @@ def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: 
             block = torch.compile(block)
         model.model.layers[i] = block
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if bf16 else MixedPrecisionPolicy()
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -389,8 +390,10 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         n_examples, n_loss_tokens = loader.step_counts(epoch, in_epoch)
-        # sums over this rank's micro-batches: loss, tokens, FLOPs, then the pair statistics of stage_loss
-        stats = torch.zeros(8, dtype=torch.float64, device=device)
+        # sums over this rank's micro-batches, kept on the device until the step ends: the loss, then the pair
+        # statistics of stage_loss; and on the host: tokens, FLOPs
+        stats = torch.zeros(6, dtype=torch.float64, device=device)
+        host_stats = np.zeros(2)
         try:
             for mb in loader.micro_batches(epoch, in_epoch):
                 mb = mb.to(device)
@@ -398,12 +401,13 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                 loss, pair_stats = stage_loss(args, logps, lengths, mb, ref, n_examples, n_loss_tokens)
                 # FSDP averages gradients over ranks; the loss is already a share of the global mean
                 (loss * world).backward()
-                stats += torch.tensor([loss.item(), sum(mb.doc_lengths), flops(config, n_params, mb.doc_lengths),
-                                       *pair_stats], dtype=torch.float64, device=device)
+                stats += torch.stack([x.double() for x in (loss.detach(), *pair_stats)])  # no host sync
+                host_stats += (sum(mb.doc_lengths), flops(config, n_params, mb.doc_lengths))
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(f"error: out of memory at step {step} (rank {rank}, micro-batches of up to "
                              f"{args.micro_tokens} tokens): lower --micro-tokens"
                              f"{'' if ac else ' or enable activation checkpointing (drop --no-ac)'}") from None
+        stats = torch.cat([stats, torch.tensor(host_stats, device=device)])
         dist.all_reduce(stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
@@ -450,7 +454,7 @@ def stage_loss(args, logps, lengths, mb, ref, n_examples: int, n_loss_tokens: in
     """This micro-batch's share of the stage's loss, and sums for the log (zero for SFT): chosen and rejected
     mean per-token log-prob (the paper's LogPS), reward margin, correctly ordered pairs, pairs."""
     if args.stage == "sft":
-        return losses.sft_loss(logps, n_loss_tokens), [0.0] * 5
+        return losses.sft_loss(logps, n_loss_tokens), [logps.new_zeros(())] * 5
     c, r = logps[0::2], logps[1::2]  # (P,) chosen and rejected of each triplet
     lc, lr_ = lengths[0::2], lengths[1::2]
     if args.stage == "redi":
@@ -464,13 +468,12 @@ def stage_loss(args, logps, lengths, mb, ref, n_examples: int, n_loss_tokens: in
         ref_c, ref_r = ref[ids, 0].float(), ref[ids, 1].float()
         loss = losses.dpo_loss(c, r, ref_c, ref_r, args.beta, n_examples)
         margin = args.beta * ((c - ref_c) - (r - ref_r))
-    with torch.no_grad():
-        return loss, [(c / lc).sum().item(), (r / lr_).sum().item(), margin.sum().item(),
-                      (margin > 0).sum().item(), float(len(c))]
+    with torch.no_grad():  # tensors, summed on the device: no host sync per micro-batch
+        return loss, [(c / lc).sum(), (r / lr_).sum(), margin.sum(), (margin > 0).sum(), c.new_tensor(len(c))]
 
 
 def metrics_record(args, step, epoch, lr, loss, grad_norm, update_norm, stats, dt, world, peak_flops, device) -> dict:
-    _, tokens, n_flops, logp_c, logp_r, margin, correct, pairs = stats.tolist()
+    _, logp_c, logp_r, margin, correct, pairs, tokens, n_flops = stats.tolist()
     rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "update_norm": update_norm,
            "tokens": int(tokens), "tokens_per_s": tokens / dt, "step_s": dt,
            # MFU: model FLOPs of the step over what the devices could have done meanwhile

@@ -100,7 +100,9 @@ def compare(name, ours, hf, prompts, new_tokens, device, bw, repeats, stop_ids=(
     context = len(prompts[0]) + counts["ours"] / B / 2  # mean context over the run
     roof = roofline(ours, slots, context, bw)
     print(f"  {name:<38} transformers {tps_hf:9,.0f} tok/s | ours {tps_ours:9,.0f} tok/s ({tps_ours / tps_hf:5.2f}x) "
-          f"| roofline at {slots} slots {roof:9,.0f} tok/s ({100 * tps_ours / roof:.0f}%)")
+          f"| roofline at {slots} slots {roof:9,.0f} tok/s ({100 * tps_ours / roof:.0f}%)", flush=True)
+    return {"transformers_tok_s": tps_hf, "ours_tok_s": tps_ours, "speedup": tps_ours / tps_hf,
+            "roofline_tok_s": roof, "of_roofline": tps_ours / roof}
 
 
 def setup(config, device, dtype, tmp: Path):
@@ -108,6 +110,29 @@ def setup(config, device, dtype, tmp: Path):
     M.save_pretrained(ours, tmp, dtype=dtype)
     hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     return ours, hf
+
+
+def device_cases(ours, hf, device, tiny: bool = False) -> dict:
+    """The GPU cases (bench/gpu.py's sampler section): batch 1 with a 1k-token prompt, batch 64 and 256 at
+    ~8k context. tiny: the same cases scaled down for a CPU smoke test."""
+    g = torch.Generator().manual_seed(0)
+    bw = bandwidth(device)
+    V = ours.config.vocab_size
+    cases = ([(1, 64, 8), (4, 128, 8), (8, 128, 4)] if tiny
+             else [(1, 1000, 128), (64, 8000, 32), (256, 8000, 16)])  # (batch, prompt tokens, new tokens)
+    r = {"copy_gb_s": bw / 1e9}
+    for B, prompt_len, new in cases:
+        name = f"batch {B}, {prompt_len}-token prompts, {new} new tokens"
+        prompts = torch.randint(10, V - 10, (B, prompt_len), generator=g).tolist()
+        try:
+            r[name] = compare(name, ours, hf, prompts, new, device, bw, 1 if B > 1 else 2, hf_batch=min(B, 64),
+                              **({"kv_gib": 0.05} if tiny else {}))
+        except Exception as e:  # an out-of-memory error at one size should not hide the others
+            r[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  {name}: {r[name]['error']}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return r
 
 
 def main() -> None:

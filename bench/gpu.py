@@ -1,0 +1,480 @@
+"""The one prepared device check: everything a session with a lent GPU runs first, in one call.
+
+    PYTHONUNBUFFERED=1 python bench/gpu.py --out $OUT/gpu.json     # one H100/H200: about 6 minutes
+    python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
+    python bench/gpu.py --sections parity,train                      # a subset
+
+Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
+as soon as it ends, so a run killed at its time limit still leaves what it measured:
+  env     torch/CUDA/cuDNN versions, the device, measured copy bandwidth and bf16 matmul rate, and which SDPA
+          backend each of our attention shapes selects (training causal, prefill, decode);
+  parity  bf16 logits against transformers (sdpa) on the Qwen2.5-Math-1.5B config with random weights, both
+          measured against transformers in fp32: a plain causal batch, packed ragged documents (flex_attention)
+          against per-document forwards, and greedy decoding (sample.py) against transformers' argmax;
+  train   train.py's own code path (FSDP2 on one rank, bf16, activation checkpointing) for SFT and REDI on
+          packed ragged 16k-token micro-batches and on one 32k-token sequence, with and without --compile:
+          first-step (compile/warm-up) time, step time, tokens/s, MFU (6N + 12 L d T), peak memory; and the
+          chunked head (losses.token_logprobs) alone at 16k and 32k tokens;
+  sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_sample  # noqa: E402
+import bench_train  # noqa: E402
+import losses  # noqa: E402
+import model as M  # noqa: E402
+import sample as S  # noqa: E402
+import train as T  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "qwen2.5-math-1.5b"
+
+
+class Ctx:
+    """What the sections share: device, dtype, config, sizes and a scratch directory."""
+
+    def __init__(self, tiny: bool, tmp: Path) -> None:
+        self.tiny = tiny
+        self.device = torch.device("cpu" if tiny else "cuda")
+        self.dtype = torch.bfloat16
+        self.tmp = tmp
+        config = M.Qwen2Config.from_pretrained(FIXTURE)
+        config.rope_theta, config.max_position_embeddings = 300000.0, 32768  # the recipe's two edits
+        if tiny:  # the real vocabulary (synthetic data uses real token ids), a tiny body
+            config = M.Qwen2Config(vocab_size=config.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, rope_theta=300000.0, max_position_embeddings=32768)
+        self.config = config
+        self.tokenizer = tmp / "tok"
+        self.tokenizer.mkdir(parents=True, exist_ok=True)
+        (self.tokenizer / "tokenizer.json").write_bytes(gzip.decompress((FIXTURE / "tokenizer.json.gz").read_bytes()))
+        self._checkpoint: Path | None = None
+
+    def checkpoint(self) -> Path:
+        """A random bf16 checkpoint of the config (seed 0), written once."""
+        if self._checkpoint is None:
+            self._checkpoint = self.tmp / "base"
+            M.save_pretrained(M.build_model(self.config, dtype=self.dtype, seed=0), self._checkpoint,
+                              tokenizer_from=self.tokenizer)
+        return self._checkpoint
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def timed(ctx: Ctx, fn, repeats: int = 3) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        ctx.sync()
+        t = time.perf_counter()
+        fn()
+        ctx.sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# -----------------------------------------------------------------------------
+# 1. environment
+
+
+def sdpa_backend(q, k, v, mask=None, causal=False) -> str:
+    from torch.nn.attention import SDPBackend
+    names = {int(getattr(SDPBackend, n)): n for n in dir(SDPBackend) if n.isupper()}
+    return names[int(torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, scale=None,
+                                             enable_gqa=q.shape[1] != k.shape[1]))]
+
+
+def section_env(ctx: Ctx) -> dict:
+    c, dev = ctx.config, ctx.device
+    r = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        r |= {"device": props.name, "sms": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
+              "cudnn": torch.backends.cudnn.version()}
+    else:
+        r |= {"device": "cpu", "threads": torch.get_num_threads()}
+    r["copy_gb_s"] = bench_sample.bandwidth(dev) / 1e9
+    n = 512 if ctx.tiny else 8192
+    a, b = torch.randn(n, n, device=dev, dtype=ctx.dtype), torch.randn(n, n, device=dev, dtype=ctx.dtype)
+    r["matmul_bf16_tflops"] = 2 * n**3 / timed(ctx, lambda: a @ b, 5) / 1e12
+    H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    T_train, T_prefill, B_dec, S_dec = (256, 64, 4, 128) if ctx.tiny else (16384, 1000, 64, 8192)
+    x = lambda *shape: torch.randn(*shape, device=dev, dtype=ctx.dtype)  # noqa: E731
+    mask = torch.ones(B_dec, 1, 1, S_dec, dtype=torch.bool, device=dev)
+    r["sdpa_backend"] = {
+        "training causal (1 x %d, GQA)" % T_train: sdpa_backend(x(1, H, T_train, hd), x(1, Hkv, T_train, hd),
+                                                               x(1, Hkv, T_train, hd), causal=True),
+        "prefill causal (1 x %d, GQA)" % T_prefill: sdpa_backend(x(1, H, T_prefill, hd), x(1, Hkv, T_prefill, hd),
+                                                                 x(1, Hkv, T_prefill, hd), causal=True),
+        "decode with bool mask (%d x 1 over %d, GQA)" % (B_dec, S_dec): sdpa_backend(
+            x(B_dec, H, 1, hd), x(B_dec, Hkv, S_dec, hd), x(B_dec, Hkv, S_dec, hd), mask=mask),
+    }
+    return r
+
+
+# -----------------------------------------------------------------------------
+# 2. parity with transformers
+
+
+def _errors(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Max and mean absolute logit error of ours and of transformers bf16, both against transformers fp32."""
+    e_ours, e_hf = (ours.float() - ref).abs(), (theirs.float() - ref).abs()
+    return {"ours_max": float(e_ours.max()), "ours_mean": float(e_ours.mean()),
+            "hf_bf16_max": float(e_hf.max()), "hf_bf16_mean": float(e_hf.mean()),
+            "ok": bool(e_ours.mean() <= 1.5 * e_hf.mean() + 1e-6 and e_ours.max() <= 2 * e_hf.max() + 1e-6)}
+
+
+@torch.no_grad()
+def section_parity(ctx: Ctx) -> dict:
+    import transformers
+    dev, V = ctx.device, ctx.config.vocab_size
+    path = ctx.checkpoint()
+    ours = M.load_pretrained(path, device=dev, dtype=ctx.dtype).eval()
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=ctx.dtype, attn_implementation="sdpa").to(dev).eval()
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                        attn_implementation="sdpa").to(dev).eval()
+    g = torch.Generator().manual_seed(0)
+    r = {}
+    B, T = (2, 64) if ctx.tiny else (2, 1024)
+    ids = torch.randint(0, V, (B, T), generator=g).to(dev)
+    r["causal"] = {"shape": [B, T], **_errors(ours(ids), hf(ids).logits, ref(ids).logits.float())}
+
+    lengths = [37, 130, 5, 200] if ctx.tiny else [700, 1300, 37, 1500, 509]
+    ids = torch.randint(0, V, (1, sum(lengths)), generator=g).to(dev)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(dev)
+    packed = ours(ids, position_ids=pos)[0]  # (T, V)
+    starts = np.cumsum([0] + lengths)
+    per_doc = torch.cat([ours(ids[:, s:e])[0] for s, e in zip(starts[:-1], starts[1:])])
+    hf_doc = torch.cat([hf(ids[:, s:e]).logits[0] for s, e in zip(starts[:-1], starts[1:])])
+    ref_doc = torch.cat([ref(ids[:, s:e]).logits[0].float() for s, e in zip(starts[:-1], starts[1:])])
+    r["packed"] = {"lengths": lengths, "max_vs_own_per_document": float((packed.float() - per_doc.float()).abs().max()),
+                   **_errors(packed, hf_doc, ref_doc)}
+
+    prompt = torch.randint(0, V, (1, 48 if ctx.tiny else 300), generator=g)
+    new = 16 if ctx.tiny else 64
+    tokens = S.generate(ours, prompt.tolist(), max_new_tokens=new, kv_gib=0.05 if ctx.tiny else 4)[0]
+    full = torch.cat([prompt[0], torch.tensor(tokens)])[None].to(dev)
+    logits = ref(full).logits[0, prompt.shape[1] - 1:-1].float()  # (new, V): fp32 prediction at each step
+    top2 = logits.topk(2, dim=-1)
+    agree = top2.indices[:, 0].cpu() == torch.tensor(tokens)
+    margin = (top2.values[:, 0] - top2.values[:, 1]).cpu()
+    hf_tokens = hf.generate(prompt.to(dev), attention_mask=torch.ones_like(prompt).to(dev), max_new_tokens=new,
+                            do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    first_diff = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), new)
+    # a step where ours differs from the fp32 argmax is a real error unless that argmax is a near-tie
+    tol = 2 * r["causal"]["hf_bf16_max"]
+    r["greedy"] = {"new_tokens": new, "agree_with_fp32_argmax": int(agree.sum()),
+                   "disagree_on_near_ties": int((~agree & (margin <= tol)).sum()),
+                   "disagree_clearly": int((~agree & (margin > tol)).sum()),
+                   "identical_prefix_with_hf_bf16_generate": first_diff}
+    r["greedy"]["ok"] = r["greedy"]["disagree_clearly"] == 0
+    del ours, hf, ref
+    return r
+
+
+# -----------------------------------------------------------------------------
+# 3. training through train.py
+
+
+@contextlib.contextmanager
+def no_checkpoint_writes():
+    """The runs time steps, not checkpoint writes (~20 GB for the 1.5B model with its optimizer state): the
+    final checkpoint becomes an empty directory."""
+    saved = T.save_checkpoint
+
+    def skip(out, step, *args, **kwargs):
+        path = out / f"step-{step:06d}"
+        (path / "model").mkdir(parents=True, exist_ok=True)
+        return path
+    T.save_checkpoint = skip
+    try:
+        yield
+    finally:
+        T.save_checkpoint = saved
+
+
+def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, budget: int, steps: int,
+              extra: list[str]) -> dict:
+    kind = "sft" if stage == "sft" else "pref"
+    data, out = ctx.tmp / f"data-{name}", ctx.tmp / f"run-{name}"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    bench_train.synthetic_prepared(data, ctx.tokenizer / "tokenizer.json", kind, lengths)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    with no_checkpoint_writes():
+        T.main(["--stage", stage, "--model", str(ctx.checkpoint()), "--data", str(data), "--out", str(out),
+                "--batch-size", str(batch), "--micro-tokens", str(budget),
+                "--max-len", str(budget // (1 if kind == "sft" else 2)), "--truncate", "--max-steps", str(steps),
+                "--save-every", "0", "--log-every", "1", "--dtype", "bf16", *extra])
+    wall = time.perf_counter() - t
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed_steps = log[2:] if len(log) > 2 else log[-1:]
+    mfu = [x["mfu"] for x in timed_steps if x["mfu"] is not None]
+    return {"stage": stage, "micro_tokens": budget, "steps": len(log), "wall_s": wall,
+            "first_step_s": log[0]["step_s"], "step_s": statistics.median(x["step_s"] for x in timed_steps),
+            "tokens_per_step": statistics.median(x["tokens"] for x in timed_steps),
+            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in timed_steps),
+            "mfu": statistics.median(mfu) if mfu else None, "peak_mem_gib": max(x["peak_mem_gib"] for x in log),
+            "loss_first_last": [log[0]["loss"], log[-1]["loss"]]}
+
+
+def head_costs(ctx: Ctx) -> dict:
+    """losses.token_logprobs forward + backward alone: seconds and peak memory above its inputs."""
+    c, dev = ctx.config, ctx.device
+    r = {}
+    for n in ((256, 512) if ctx.tiny else (16384, 32768)):
+        for chunk in (1024, 4096):
+            h = torch.randn(n, c.hidden_size, device=dev, dtype=ctx.dtype, requires_grad=True)
+            w = (torch.randn(c.vocab_size, c.hidden_size, device=dev, dtype=ctx.dtype) * 0.02).requires_grad_()
+            t = torch.randint(0, c.vocab_size, (n,), device=dev)
+
+            def step():
+                losses.token_logprobs(h, w, t, chunk=chunk).sum().backward()
+                h.grad = w.grad = None
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            s = timed(ctx, step, 2)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else None
+            # matmul FLOPs: forward logits, backward recompute, grad_h, grad_w
+            r[f"{n} tokens, chunk {chunk}"] = {"s": s, "peak_extra_gib": peak,
+                                               "tflops": 8 * n * c.vocab_size * c.hidden_size / s / 1e12}
+            del h, w, t
+    return r
+
+
+def section_train(ctx: Ctx) -> dict:
+    tiny = ctx.tiny
+    budget, long = (512, 1024) if tiny else (16384, 32768)
+    sft_len = (np.array([[20, 100]] * 64) + np.arange(64)[:, None] % 7 if tiny
+               else bench_train.realistic_lengths(256, 2))
+    pref_len = (np.array([[20, 80, 90]] * 64) + np.arange(64)[:, None] % 5 if tiny
+                else bench_train.realistic_lengths(256, 3))
+    long_len = np.array([[50, long - 50]] * 8 if tiny else [[500, long - 500]] * 8)
+    steps = 3 if tiny else 4
+    runs = [("sft", "sft", 8, sft_len, budget, steps, []),
+            ("redi", "redi", 4, pref_len, budget, steps, []),
+            ("sft-32k", "sft", 1, long_len, long, 3, []),
+            ("sft-compile", "sft", 8, sft_len, budget, steps + 1, ["--compile"]),
+            ("redi-compile", "redi", 4, pref_len, budget, steps + 1, ["--compile"])]
+    if tiny:
+        runs = [r[:-1] + (r[-1] + ["--ac"],) for r in runs]  # the GPU default: activation checkpointing
+    r = {}
+    for name, *spec in runs:
+        try:
+            r[name] = train_run(ctx, name, *spec)
+        except BaseException as e:  # SystemExit from train.py included: record it, go on
+            r[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        print(f"    {name}: {json.dumps(r[name])[:400]}", flush=True)
+    try:
+        r["head"] = head_costs(ctx)
+    except Exception as e:
+        r["head"] = {"error": f"{type(e).__name__}: {e}"}
+    return r
+
+
+# -----------------------------------------------------------------------------
+# attention backends and where a training step's time goes
+
+
+def _fwd_bwd(fn, *xs):
+    def run():
+        for x in xs:
+            x.grad = None
+        fn().sum().backward()
+    return run
+
+
+def section_attention(ctx: Ctx) -> dict:
+    """Forward+backward of the attention alone at training shapes, for each way we could compute it: one
+    causal document (each SDPA backend), packed documents (flex_attention, one SDPA call per document,
+    varlen_attn where this torch has it), and a run of distinct lengths (cuDNN builds a graph per shape)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    c, dev = ctx.config, ctx.device
+    H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    T = 512 if ctx.tiny else 16384
+    docs = [T * 3 // 8, T * 3 // 16, T - T * 3 // 8 - T * 3 // 16]
+    q = torch.randn(1, H, T, hd, device=dev, dtype=ctx.dtype, requires_grad=True)
+    k = torch.randn(1, Hkv, T, hd, device=dev, dtype=ctx.dtype, requires_grad=True)
+    v = torch.randn(1, Hkv, T, hd, device=dev, dtype=ctx.dtype, requires_grad=True)
+    flops = lambda lengths: 4 * 2 * sum(n * n / 2 for n in lengths) * H * hd * 3.5 / 2  # noqa: E731 fwd 2 + bwd 5 matmuls
+    r = {"T": T, "docs": docs}
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "math": SDPBackend.MATH} if dev.type == "cuda" else {"flash": SDPBackend.FLASH_ATTENTION}
+
+    def record(name, fn, lengths):
+        try:
+            s = timed(ctx, fn, 3)
+            r[name] = {"ms": 1e3 * s, "tflops": flops(lengths) / s / 1e12}
+        except Exception as e:
+            r[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+    for name, b in backends.items():
+        if name == "math" and not ctx.tiny:
+            continue
+        def one(b=b):
+            with sdpa_kernel(b):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        record(f"1 document, sdpa {name}", _fwd_bwd(one, q, k, v), [T])
+
+        def per_doc(b=b):
+            outs, s0 = [], 0
+            with sdpa_kernel(b):
+                for n in docs:
+                    outs.append(F.scaled_dot_product_attention(q[:, :, s0:s0 + n], k[:, :, s0:s0 + n],
+                                                               v[:, :, s0:s0 + n], is_causal=True, enable_gqa=True))
+                    s0 += n
+            return torch.cat(outs, dim=2)
+        record(f"{len(docs)} documents, one sdpa {name} call each", _fwd_bwd(per_doc, q, k, v), docs)
+
+    doc_id = torch.cat([torch.full((n,), i) for i, n in enumerate(docs)]).to(dev)
+    flex = torch.compile(flex_attention) if dev.type == "cuda" else flex_attention
+    make = torch.compile(create_block_mask) if dev.type == "cuda" else create_block_mask
+    mask = make(lambda b, h, qi, ki: (doc_id[qi] == doc_id[ki]) & (ki <= qi), 1, None, T, T, device=dev)
+    record(f"{len(docs)} documents, flex_attention", _fwd_bwd(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True),
+                                                               q, k, v), docs)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        cu = torch.tensor([0, *np.cumsum(docs)], device=dev, dtype=torch.int32)
+        def varlen():
+            return varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, max(docs),
+                               max(docs), enable_gqa=True, window_size=(-1, 0))
+        record(f"{len(docs)} documents, varlen_attn", _fwd_bwd(varlen, q, k, v), docs)
+    except Exception as e:
+        r["varlen_attn"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+
+    lengths = [T - 97 * i for i in range(1, 9)]  # 8 new shapes: a graph-building backend pays on each
+    for name, b in backends.items():
+        if name == "math":
+            continue
+        def run(b=b):
+            for n in lengths:
+                with sdpa_kernel(b):
+                    F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True,
+                                                   enable_gqa=True).sum().backward()
+        try:
+            ctx.sync()
+            t = time.perf_counter()
+            run()
+            ctx.sync()
+            first = time.perf_counter() - t
+            again = timed(ctx, run, 1)
+            r[f"8 new lengths, sdpa {name}"] = {"first_ms": 1e3 * first, "again_ms": 1e3 * again}
+        except Exception as e:
+            r[f"8 new lengths, sdpa {name}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return r
+
+
+def section_profile(ctx: Ctx) -> dict:
+    """The CUDA kernels of one packed training micro-batch (forward, recompute, backward, chunked head) of the
+    bf16 model with activation checkpointing, by total time: where a step's time goes."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.profiler import ProfilerActivity, profile
+    c, dev = ctx.config, ctx.device
+    model = M.build_model(c, device=dev, dtype=ctx.dtype, seed=0)
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = checkpoint_wrapper(layer)
+    T = 512 if ctx.tiny else 16384
+    docs = [T * 3 // 8, T * 3 // 16, T - T * 3 // 8 - T * 3 // 16]
+    ids = torch.randint(0, c.vocab_size, (1, T), device=dev)
+    pos = torch.cat([torch.arange(n) for n in docs])[None].to(dev)
+
+    def step():
+        hidden = model(ids, position_ids=pos, return_hidden=True)[0]
+        losses.token_logprobs(hidden[:-1], model.lm_head.weight, ids[0, 1:]).sum().backward()
+        model.zero_grad(set_to_none=True)
+    wall = timed(ctx, step, 2)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        ctx.sync()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in events)
+    n_flops = T * 6 * model.num_parameters() + 12 * c.num_hidden_layers * c.hidden_size * sum(n * n for n in docs)
+    top = [{"name": e.key[:90], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events[:30]]
+    return {"tokens": T, "docs": docs, "wall_ms": 1e3 * wall, "kernel_ms_total": total / 1e3,
+            "mfu_if_h100_peak": n_flops / wall / 989e12, "top": top}
+
+
+# -----------------------------------------------------------------------------
+# 4. sampling
+
+
+def section_sample(ctx: Ctx) -> dict:
+    import transformers
+    path = ctx.checkpoint()
+    ours = M.load_pretrained(path, device=ctx.device, dtype=ctx.dtype).eval()
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=ctx.dtype, attn_implementation="sdpa")
+    hf = hf.to(ctx.device).eval()
+    return bench_sample.device_cases(ours, hf, ctx.device, tiny=ctx.tiny)
+
+
+SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "attention": section_attention,
+            "profile": section_profile, "sample": section_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="every section on CPU with a tiny config (a smoke test)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--out", default="gpu.json", help="the JSON report")
+    p.add_argument("--tmp", default="/tmp/redi-gpu-check")
+    args = p.parse_args(argv)
+    names = args.sections.split(",")
+    unknown = set(names) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}")
+    if not args.tiny and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --tiny for the CPU smoke test")
+    tmp = Path(args.tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    ctx = Ctx(args.tiny, tmp)
+    report: dict = {"tiny": args.tiny, "sections": {}}
+    failed = 0
+    for name in names:
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            result = SECTIONS[name](ctx)
+        except Exception as e:
+            failed += 1
+            result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+        result["section_s"] = round(time.perf_counter() - t, 1)
+        report["sections"][name] = result
+        print(json.dumps(result, indent=1, default=str), flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"report in {args.out}; {failed} section(s) failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
