@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------
@@ -211,8 +212,23 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
+# SDPA backends allowed on CUDA. cuDNN, which torch 2.11 picks first on Hopper, builds a graph for every new
+# sequence length (287 ms per new length on an H200, bench/gpu.py's attention section), and training rows and
+# prompts have ragged lengths; flash (GQA-capable, no per-shape setup) is chosen instead, and the
+# memory-efficient and math kernels remain for what flash cannot run (fp32, masks).
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
-    """Scaled dot-product attention with grouped-query heads. q (B, H, T, hd), k/v (B, Hkv, S, hd)."""
+    """Scaled dot-product attention with grouped-query heads. q (B, H, T, hd), k/v (B, Hkv, S, hd); with a
+    BlockMask, k/v may also be (1, Hkv, S, hd), shared by every row (the sampler's paged KV pool)."""
     if mask.block is not None:
         fn = _compiled_flex_attention() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=mask.block, enable_gqa=True)
@@ -220,12 +236,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
         B, H, T, hd = q.shape
         docs = [x.transpose(0, 1).reshape(x.shape[1], B * T, hd)[:, mask.doc_index].transpose(0, 1)
                 for x in (q, k, v)]  # (D, H or Hkv, L, hd)
-        y = F.scaled_dot_product_attention(*docs, is_causal=True, enable_gqa=True)  # (D, H, L, hd)
+        y = _sdpa(*docs, is_causal=True)  # (D, H, L, hd)
         # documents tile the rows in order, so their valid positions, document after document, are the tokens
         return y.transpose(0, 1)[:, mask.doc_valid].reshape(H, B, T, hd).transpose(0, 1)
     if mask.dense is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
+        return _sdpa(q, k, v, is_causal=True)
+    return _sdpa(q, k, v, attn_mask=mask.dense)
 
 
 def document_ids(position_ids: Tensor) -> Tensor:
@@ -296,22 +312,29 @@ class KVCache:
         view.lengths = self.lengths[index:index + 1]
         return view
 
-    def kv_len(self, position_ids: Tensor) -> int:
-        """How many cached positions this forward attends to (checked against the cache size)."""
+    def begin(self, position_ids: Tensor) -> AttnMask:
+        """Start a forward writing `position_ids` (B, T): what its queries attend to. A prefill of empty rows
+        attends causally over its own keys; otherwise each query sees the cached positions up to its own."""
         kv_len = int(position_ids.max()) + 1
         if kv_len > self.max_len:
             raise ValueError(f"KV cache overflow: position {kv_len - 1} >= cache length {self.max_len}")
-        return kv_len
+        self._positions, self._kv_len = position_ids, kv_len
+        if kv_len == position_ids.shape[1]:
+            return AttnMask()
+        slots = torch.arange(kv_len, device=position_ids.device)
+        return AttnMask(dense=(slots <= position_ids[:, :, None])[:, None])  # (B, 1, T, kv_len)
 
     def advance(self, position_ids: Tensor) -> None:
         self.lengths.copy_(position_ids[:, -1] + 1)
 
-    def update(self, layer: int, k: Tensor, v: Tensor, position_ids: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values (B, Hkv, T, hd) at their positions; return the cache prefix to attend to."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
-        self.k[layer][rows, :, position_ids] = k.transpose(1, 2)  # index (B, T) -> values (B, T, Hkv, hd)
-        self.v[layer][rows, :, position_ids] = v.transpose(1, 2)
-        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        self.k[layer][rows, :, self._positions] = k.transpose(1, 2)  # index (B, T) -> values (B, T, Hkv, hd)
+        self.v[layer][rows, :, self._positions] = v.transpose(1, 2)
+        if self._kv_len == k.shape[2]:
+            return k, v
+        return self.k[layer][:, :, :self._kv_len], self.v[layer][:, :, :self._kv_len]
 
 
 # -----------------------------------------------------------------------------
@@ -361,15 +384,14 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask,
-                cache: KVCache | None = None, position_ids: Tensor | None = None, kv_len: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, position_ids, kv_len)  # (B, Hkv, kv_len, hd)
+            k, v = cache.update(self.layer_idx, k, v)  # what the mask indexes: (B or 1, Hkv, S, hd)
         y = attend(q, k, v, mask)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -393,9 +415,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask,
-                cache: KVCache | None = None, position_ids: Tensor | None = None, kv_len: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position_ids, kv_len)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -442,24 +463,18 @@ class Qwen2ForCausalLM(nn.Module):
         position_ids (B, T): positions restarting at 0 at each packed document; attention is causal within a
             document and blocked across documents. Default 0..T-1 (from attention_mask when given).
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
-        cache: decode with a KV cache (KVCache, or any object with its kv_len/update/advance methods, like the
+        cache: decode with a KV cache (KVCache, or any object with its begin/update/advance methods, like the
             sampler's paged cache); positions default to continuing each row's cached length.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        kv_len = 0
         if cache is not None:
             if attention_mask is not None:
                 raise ValueError("attention_mask is not supported with a KV cache: give each row its own slot")
             if position_ids is None:
                 position_ids = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
-            kv_len = cache.kv_len(position_ids)
-            if kv_len == T:  # a prefill of empty rows: plain causal attention over the new keys
-                mask = AttnMask()
-            else:
-                slots = torch.arange(kv_len, device=input_ids.device)
-                mask = AttnMask(dense=(slots <= position_ids[:, :, None])[:, None])  # (B, 1, T, kv_len)
+            mask = cache.begin(position_ids)
         else:
             packed = position_ids is not None
             if position_ids is None:
@@ -471,7 +486,7 @@ class Qwen2ForCausalLM(nn.Module):
 
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, position_ids, kv_len)
+            x = layer(x, cos, sin, mask, cache)
         x = self.model.norm(x)
         if cache is not None:
             cache.advance(position_ids)

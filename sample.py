@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
 
 import data as data_lib
 import model as model_lib
@@ -90,26 +91,39 @@ def sample_tokens(logits: Tensor, params: SamplingParams, u: Tensor | None) -> T
 
 
 class PagedKVCache:
-    """Keys and values in a pool of blocks of `block_size` positions: (L, n_blocks * block_size, Hkv, hd).
+    """Keys and values in a pool of blocks of `block_size` positions: (L, Hkv, n_blocks * block_size, hd).
 
     The scheduler owns the bookkeeping (free list, reference counts, each sequence's block list) on the host
-    and, before each forward, sets `table` (B, max blocks) and `attend` (the longest row's length after this
-    forward). Block 0 is scratch: table padding points there. Attention reads masked positions too, and
-    0 * NaN is NaN, so blocks are zeroed when handed out (in one write, before the next forward) rather than
-    the whole pool up front.
+    and tells the cache what the next forward is: `prefill(slots)`, new prompts packed into one row whose
+    tokens go to the given pool rows and attend within their own prompt; or `decode(table, attend)`, one new
+    token per row at its position, attending to that row's cached positions (table: (B, width) block ids).
+
+    Decoding reads the pool in one of two ways. In place (GPU): flex_attention over the whole pool with a
+    block mask made from the page table and each row's length, so a row reads only its own blocks, up to its
+    own length, with no copy and no mask tensor; its buffers have fixed addresses, so a decode step can be
+    captured in a CUDA graph. By gathering (CPU): each row's positions are copied into a padded batch for SDPA
+    with a boolean mask; there compiling flex_attention costs more than the copy. Both are exact.
+
+    Block 0 is scratch: table padding points there. Attention reads the masked tail of a row's last block
+    too (uncompiled flex_attention even reads the whole pool), and 0 * NaN is NaN, so the pool starts zeroed
+    and blocks are zeroed again when handed out (in one write, before the next forward): what a masked
+    position holds is always finite, whatever an earlier owner of its block wrote.
     """
 
     def __init__(self, config: model_lib.Qwen2Config, n_blocks: int, block_size: int, *,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (config.num_hidden_layers, n_blocks * block_size, config.num_key_value_heads, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+                 device: torch.device | str, dtype: torch.dtype, in_place: bool | None = None) -> None:
+        self.device = torch.device(device)
+        shape = (config.num_hidden_layers, config.num_key_value_heads, n_blocks * block_size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # finite everywhere: see below
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
+        self.n_blocks = n_blocks
+        self.in_place = self.device.type == "cuda" if in_place is None else in_place
         self.free = list(range(n_blocks - 1, 0, -1))
         self.refs = [0] * n_blocks
         self.fresh = [0]  # blocks to zero before the next forward
-        self.table = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.attend = 0
+        self._slots_written: Tensor | None = None  # prefill: the pool rows of the new tokens
+        self.rows = 0  # decode buffers' capacity (rows), allocated on first use
 
     @staticmethod
     def bytes_per_token(config: model_lib.Qwen2Config, dtype: torch.dtype) -> int:
@@ -127,46 +141,108 @@ class PagedKVCache:
             if self.refs[b] == 0:
                 self.free.append(b)
 
-    def _slots(self, blocks: Tensor) -> Tensor:
+    def pool_rows(self, blocks: Tensor) -> Tensor:
         """Pool rows of whole blocks: (...,) block ids -> (..., block_size) positions in the pool."""
         return blocks[..., None] * self.block_size + torch.arange(self.block_size, device=blocks.device)
 
     def zero_fresh(self) -> None:
         if self.fresh:
-            rows = self._slots(torch.tensor(self.fresh, device=self.k.device)).flatten()
-            self.k[:, rows] = 0
-            self.v[:, rows] = 0
+            rows = self.pool_rows(torch.tensor(self.fresh, device=self.device)).flatten()
+            self.k[:, :, rows] = 0
+            self.v[:, :, rows] = 0
             self.fresh.clear()
 
     def copy_block(self, src: int) -> int:
         dst = self.allocate()
         self.fresh.remove(dst)
-        rows = self._slots(torch.tensor([src, dst], device=self.k.device))
-        self.k[:, rows[1]] = self.k[:, rows[0]]
-        self.v[:, rows[1]] = self.v[:, rows[0]]
+        rows = self.pool_rows(torch.tensor([src, dst], device=self.device))
+        self.k[:, :, rows[1]] = self.k[:, :, rows[0]]
+        self.v[:, :, rows[1]] = self.v[:, :, rows[0]]
         return dst
 
-    # the model's cache protocol: kv_len runs once per forward, update once per layer
-    def kv_len(self, position_ids: Tensor) -> int:
-        """Pool rows to write (this forward's positions) and to read (every row's positions 0 .. attend-1)."""
+    # what the next forward is, set by the scheduler
+    def prefill(self, slots: Tensor) -> None:
+        """The next forward is a prefill of fresh prompts whose (T,) tokens go to these pool rows."""
+        self._slots_written = slots
+
+    def decode(self, table: Tensor, attend: int = 0) -> None:
+        """The next forwards decode one token per row with these (B, width) block ids. attend (the gathering
+        path only): how many positions the longest row reads, at least its length after the forward."""
+        self._slots_written = None
+        self.table, self.attend = table, attend
+
+    def decode_buffers(self, rows: int) -> None:
+        """Fixed-address decode buffers for up to `rows` rows (in place): the page table padded to the whole
+        pool's width (the block mask's kv_indices) and each row's physical-to-logical block map (-1: not the
+        row's; one extra column takes writes for table padding)."""
+        if rows > self.rows:
+            self.rows = rows
+            self.page_table = torch.zeros(rows, self.n_blocks, dtype=torch.int32, device=self.device)
+            self.last_page = torch.zeros(rows, self.n_blocks, dtype=torch.int32, device=self.device)
+            self.logical = torch.full((rows, self.n_blocks + 1), -1, dtype=torch.int32, device=self.device)
+
+    def set_pages(self, pages: Sequence[Sequence[int]]) -> None:
+        """Fill the in-place decode buffers' first len(pages) rows with these block lists."""
+        n, width = len(pages), max(len(p) for p in pages)
+        table = torch.tensor([list(p) + [0] * (width - len(p)) for p in pages], dtype=torch.int32)
+        count = torch.tensor([len(p) for p in pages])
+        self.page_table[:n].zero_()
+        self.page_table[:n, :width] = table.to(self.device, non_blocking=True)
+        j = torch.arange(width)
+        valid = j < count[:, None]  # (n, width)
+        target = torch.where(valid, table, self.n_blocks).long()  # padding writes go to the extra column
+        self.logical[:n].fill_(-1)
+        self.logical[:n].scatter_(1, target.to(self.device), torch.where(valid, j, -1).int().to(self.device))
+
+    # the model's cache protocol: begin runs once per forward, update once per layer
+    def begin(self, position_ids: Tensor) -> model_lib.AttnMask:
+        if self._slots_written is not None:  # a prefill: attention within each packed prompt
+            self._write = self._slots_written
+            return model_lib.build_mask(position_ids, None, use_flex=position_ids.is_cuda)
         bs = self.block_size
-        self._write = self.table.gather(1, position_ids // bs) * bs + position_ids % bs  # (B, T)
-        self._read = self._slots(self.table[:, :math.ceil(self.attend / bs)]).flatten(1)[:, :self.attend]  # (B, S)
-        return self.attend
+        if self.in_place:
+            B = position_ids.shape[0]
+            pos = position_ids[:, 0]  # (B,)
+            self._write = self.page_table[:B].gather(1, (pos // bs)[:, None]).long()[:, 0] * bs + pos % bs
+            return model_lib.AttnMask(block=self._block_mask(pos + 1))
+        self._write = (self.table.gather(1, position_ids // bs) * bs + position_ids % bs).flatten()  # (B*T,)
+        self._read = self.pool_rows(self.table[:, :math.ceil(self.attend / bs)]).flatten(1)[:, :self.attend]  # (B, S)
+        slots = torch.arange(self.attend, device=position_ids.device)
+        return model_lib.AttnMask(dense=(slots <= position_ids[:, :, None])[:, None])  # (B, 1, T, S)
+
+    def _block_mask(self, lengths: Tensor) -> BlockMask:
+        """Row b attends to its lengths[b] cached positions: its full blocks (no mask evaluated there) and its
+        partial last block, where the mask keeps the positions below its length."""
+        B, bs = lengths.shape[0], self.block_size
+        full = (lengths // bs).int()  # (B,)
+        partial = (lengths % bs != 0).int()  # (B,) 0 or 1
+        self.last_page[:B, 0] = self.page_table[:B].gather(1, full.clamp(max=self.n_blocks - 1)[:, None].long())[:, 0]
+        logical, lens = self.logical[:B], lengths
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            page = logical[b, kv_idx // bs]
+            return (page >= 0) & (page * bs + kv_idx % bs < lens[b])
+        return BlockMask.from_kv_blocks(partial[:, None, None], self.last_page[:B, None, None],
+                                        full[:, None, None], self.page_table[:B, None, None], BLOCK_SIZE=bs,
+                                        mask_mod=mask_mod, seq_lengths=(1, self.n_blocks * bs),
+                                        compute_q_blocks=False)
 
     def advance(self, position_ids: Tensor) -> None:
         pass
 
-    def update(self, layer: int, k: Tensor, v: Tensor, position_ids: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, hd) at their positions; return this layer's keys and values of every row's
-        positions 0 .. kv_len-1 (the new ones themselves for a prefill)."""
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, T, hd) at their pool rows; return what this forward's mask indexes: the new keys
+        themselves (prefill), the whole pool (1, Hkv, S_pool, hd) (in place) or the gathered rows (B, Hkv, S, hd)."""
         B, Hkv, T, hd = k.shape
-        self.k[layer].index_copy_(0, self._write.flatten(), k.transpose(1, 2).reshape(B * T, Hkv, hd))
-        self.v[layer].index_copy_(0, self._write.flatten(), v.transpose(1, 2).reshape(B * T, Hkv, hd))
-        if kv_len == T:
+        self.k[layer][:, self._write] = k.transpose(0, 1).reshape(Hkv, B * T, hd)
+        self.v[layer][:, self._write] = v.transpose(0, 1).reshape(Hkv, B * T, hd)
+        if self._slots_written is not None:
             return k, v
-        read = lambda pool: pool[layer].index_select(0, self._read.flatten()).view(B, kv_len, Hkv, hd).transpose(1, 2)  # noqa: E731
-        return read(self.k), read(self.v)  # (B, Hkv, S, hd)
+        if self.in_place:
+            return self.k[layer][None], self.v[layer][None]
+        read = self._read.flatten()
+        return (self.k[layer][:, read].view(Hkv, B, -1, hd).transpose(0, 1),
+                self.v[layer][:, read].view(Hkv, B, -1, hd).transpose(0, 1))  # (B, Hkv, S, hd)
 
 
 # -----------------------------------------------------------------------------
@@ -198,25 +274,40 @@ class Sampler:
     """Continuous-batching generation over a paged KV cache.
 
     kv_gib: memory for the KV pool (default: 70% of free GPU memory; 2 GiB on CPU). max_slots: sequences
-    decoded together. sync_every: decode steps between host synchronizations (finished sequences are only
-    noticed, and replaced, at these points; on GPU this keeps the device busy).
+    decoded together. block_size: positions per KV block (default 128 on GPU, the block size of the in-place
+    attention's mask; 32 on CPU). sync_every: decode steps between host synchronizations (finished sequences
+    are only noticed, and replaced, at these points; on GPU this keeps the device busy). prefill_tokens: most
+    prompt tokens prefilled together in one packed forward. cuda_graphs: capture the decode step (all layers,
+    the head and the draw) in CUDA graphs, one per batch-size bucket (default on GPU). in_place: decode
+    attention reads the KV pool in place (default on GPU; on CPU it is exact too, but flex_attention runs
+    uncompiled there and is slower than gathering).
     """
 
     def __init__(self, model: model_lib.Qwen2ForCausalLM, *, kv_gib: float | None = None, max_slots: int = 256,
-                 block_size: int = 32, sync_every: int | None = None) -> None:
+                 block_size: int | None = None, sync_every: int | None = None, prefill_tokens: int | None = None,
+                 cuda_graphs: bool | None = None, in_place: bool | None = None) -> None:
         self.model = model
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        cuda = self.device.type == "cuda"
         if kv_gib is None:
-            kv_gib = 0.7 * torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else 2.0
+            kv_gib = 0.7 * torch.cuda.mem_get_info(self.device)[0] / 2**30 if cuda else 2.0
+        block_size = block_size or (128 if cuda else 32)
         n_blocks = int(kv_gib * 2**30 // (PagedKVCache.bytes_per_token(self.config, self.dtype) * block_size))
         if n_blocks < 2:
             raise ValueError(f"kv_gib={kv_gib} holds no KV block of {block_size} tokens for this model")
-        self.cache = PagedKVCache(self.config, n_blocks, block_size, device=self.device, dtype=self.dtype)
+        self.cache = PagedKVCache(self.config, n_blocks, block_size, device=self.device, dtype=self.dtype,
+                                  in_place=in_place)
         self.max_slots = max_slots
-        self.sync_every = sync_every or (16 if self.device.type == "cuda" else 1)
+        self.sync_every = sync_every or (16 if cuda else 1)
+        self.prefill_tokens = prefill_tokens or (16384 if cuda else 2048)
+        self.cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not (cuda and self.cache.in_place):
+            raise ValueError("cuda_graphs needs a CUDA model and the in-place paged attention")
         self.preemptions = 0
+        self.generated = 0  # tokens decoded, for throughput figures
+        self._graphs: dict = {}
 
     def _blocks_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.cache.block_size)
@@ -240,14 +331,15 @@ class Sampler:
         active: list[_Seq] = []
         admitted = 0
         while waiting or prefixes or active:
-            # 1. admit: free slots take the next samples, prefilling a prompt once for all of its samples
+            # 1. admit: free slots take the next samples, prefilling prompts once for all of their samples,
+            # several prompts in one packed forward
             while len(active) < self.max_slots and (prefixes or waiting):
                 if not prefixes:
-                    i, samples = waiting[0]
-                    if self._blocks_for(len(prompts[i])) + self._own_blocks(len(prompts[i])) > len(self.cache.free):
+                    wanted = math.ceil((self.max_slots - len(active)) / n)
+                    batch = self._prefill_batch(waiting, prompts, wanted)
+                    if not batch:
                         break
-                    waiting.popleft()
-                    prefixes.append(self._prefill(i, prompts[i], samples))
+                    prefixes.extend(self._prefill([(i, prompts[i], samples) for i, samples in batch]))
                 prefix = prefixes[0]
                 if self._own_blocks(prefix.length) > len(self.cache.free):
                     break
@@ -287,10 +379,12 @@ class Sampler:
             # 4. harvest finished sequences
             still = []
             for b, seq in enumerate(active):
+                before = len(seq.tokens)
                 for t in new[:, b].tolist():
                     seq.tokens.append(t)
                     if self._done(seq, params):
                         break
+                self.generated += len(seq.tokens) - before
                 seq.length += steps
                 if self._done(seq, params):
                     self.cache.release(seq.blocks)
@@ -307,16 +401,33 @@ class Sampler:
     def _done(self, seq: _Seq, params: SamplingParams) -> bool:
         return len(seq.tokens) >= params.max_new_tokens or (bool(seq.tokens) and seq.tokens[-1] in params.stop_ids)
 
-    def _prefill(self, i: int, prompt: Sequence[int], samples: deque[int]) -> _Prefix:
-        blocks = [self.cache.allocate() for _ in range(self._blocks_for(len(prompt)))]
-        ids = torch.tensor([prompt], device=self.device)
+    def _prefill_batch(self, waiting: deque, prompts: Sequence[Sequence[int]], wanted: int) -> list:
+        """Take from `waiting` up to `wanted` prompts (at least one) that fit in the free KV blocks together
+        with their first sample and in prefill_tokens tokens together (a longer single prompt goes alone)."""
+        batch, tokens, blocks = [], 0, 0
+        while waiting and len(batch) < wanted:
+            i, samples = waiting[0]
+            need = self._blocks_for(len(prompts[i])) + self._own_blocks(len(prompts[i]))
+            if blocks + need > len(self.cache.free) or (batch and tokens + len(prompts[i]) > self.prefill_tokens):
+                break
+            batch.append(waiting.popleft())
+            tokens += len(prompts[i])
+            blocks += need
+        return batch
+
+    def _prefill(self, items: list[tuple[int, Sequence[int], deque[int]]]) -> list[_Prefix]:
+        """Prefill prompts in one forward: packed into one row, each attending only to itself, each token's
+        keys and values written straight to its prompt's blocks."""
+        blocks = [[self.cache.allocate() for _ in range(self._blocks_for(len(p)))] for _, p, _ in items]
+        slots = torch.cat([self.cache.pool_rows(torch.tensor(b)).flatten()[:len(p)] for b, (_, p, _) in zip(blocks, items)])
+        ids = torch.tensor([[t for _, p, _ in items for t in p]], device=self.device)  # (1, T)
+        pos = torch.cat([torch.arange(len(p)) for _, p, _ in items])[None].to(self.device)  # (1, T)
+        ends = torch.tensor([len(p) for _, p, _ in items]).cumsum(0) - 1  # (D,) each prompt's last token
         self.cache.zero_fresh()
-        self.cache.table = torch.tensor([blocks], device=self.device)
-        self.cache.attend = len(prompt)
-        hidden = self.model(ids, position_ids=torch.arange(len(prompt), device=self.device)[None], cache=self.cache,
-                            return_hidden=True)
-        logits = self.model.lm_head(hidden[0, -1]).float()  # (V,)
-        return _Prefix(i, blocks, len(prompt), logits, samples)
+        self.cache.prefill(slots.to(self.device))
+        hidden = self.model(ids, position_ids=pos, cache=self.cache, return_hidden=True)  # (1, T, H)
+        logits = self.model.lm_head(hidden[0, ends.to(self.device)]).float()  # (D, V)
+        return [_Prefix(i, b, len(p), logits[d], samples) for d, ((i, p, samples), b) in enumerate(zip(items, blocks))]
 
     def _fork(self, prefix: _Prefix, sample: int, params: SamplingParams, admitted: int) -> _Seq:
         """A new sequence on a prefilled prompt: full blocks shared, the partial last one copied; its first
@@ -349,25 +460,98 @@ class Sampler:
         return True
 
     def _decode(self, active: list[_Seq], steps: int, params: SamplingParams) -> Tensor:
+        """`steps` tokens for every active sequence: (steps, B) on the host."""
         B = len(active)
         self.cache.zero_fresh()
-        width = max(len(s.blocks) for s in active)
-        self.cache.table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in active],
-                                        device=self.device)  # (B, width)
-        tokens = torch.tensor([s.tokens[-1] for s in active], device=self.device)  # (B,)
-        pos = torch.tensor([s.length for s in active], device=self.device)  # (B,)
-        prompt_idx = torch.tensor([self.keys[s.prompt] for s in active], device=self.device)
-        sample_idx = torch.tensor([s.sample for s in active], device=self.device)
-        step_idx = torch.tensor([len(s.tokens) for s in active], device=self.device)
-        longest = max(s.length for s in active)
-        out = torch.empty(steps, B, dtype=torch.long, device=self.device)
-        for t in range(steps):
-            self.cache.attend = longest + t + 1
-            hidden = self.model(tokens[:, None], position_ids=pos[:, None] + t, cache=self.cache, return_hidden=True)
-            logits = self.model.lm_head(hidden[:, -1])  # (B, V)
-            tokens = self._draw(logits, params, prompt_idx, sample_idx, step_idx + t)
-            out[t] = tokens
-        return out.cpu()
+        rows = _bucket(B, self.max_slots) if self.cuda_graphs else B
+        state = DecodeState.empty(rows, self.sync_every, self.device)
+        state.fill([s.tokens[-1] for s in active], [s.length for s in active],
+                   [self.keys[s.prompt] for s in active], [s.sample for s in active], [len(s.tokens) for s in active])
+        if self.cache.in_place:
+            self.cache.decode_buffers(rows)
+            self.cache.decode(self.cache.page_table[:rows])
+            graph, static = self._graph(rows, params) if self.cuda_graphs else (None, state)
+            self.cache.set_pages([s.blocks for s in active] + [[0]] * (rows - B))  # padding rows: scratch
+        else:
+            width = max(len(s.blocks) for s in active)
+            self.cache.decode(torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in active],
+                                           device=self.device), max(s.length for s in active) + 1)
+        if self.cuda_graphs:
+            static.copy_from(state)
+            for _ in range(steps):
+                graph.replay()
+            return static.out[:steps, :B].cpu()
+        for _ in range(steps):
+            self._step(state, params)
+            self.cache.attend += 1
+        return state.out[:steps].cpu()
+
+    def _step(self, state: DecodeState, params: SamplingParams) -> None:
+        """One decode step on fixed buffers: feed each row's last token, draw the next, advance."""
+        hidden = self.model(state.tokens[:, None], position_ids=state.pos[:, None], cache=self.cache,
+                            return_hidden=True)  # (B, 1, H)
+        logits = self.model.lm_head(hidden[:, -1])  # (B, V)
+        new = self._draw(logits, params, state.keys, state.samples, state.steps)
+        state.out.index_copy_(0, state.t, new[None])
+        state.tokens.copy_(new)
+        state.pos.add_(1)
+        state.steps.add_(1)
+        state.t.add_(1)
+
+    def _graph(self, rows: int, params: SamplingParams) -> tuple[torch.cuda.CUDAGraph, DecodeState]:
+        """The decode step for `rows` rows captured in a CUDA graph (once per bucket and sampling settings).
+        Captured on padding rows (scratch block 0, position 0), so capturing changes no sequence's state."""
+        key = (rows, params)
+        if key not in self._graphs:
+            static = DecodeState.empty(rows, self.sync_every, self.device)
+            self.cache.set_pages([[0]] * rows)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: compiles the attention kernel for this shape
+                    self._step(static, params)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graphs.get("pool")):
+                self._step(static, params)
+            self._graphs.setdefault("pool", graph.pool())
+            self._graphs[key] = (graph, static)
+        return self._graphs[key]
+
+
+def _bucket(n: int, most: int) -> int:
+    """The batch-size bucket of n active rows: the next power of two, at most `most` rounded up likewise."""
+    return min(1 << (n - 1).bit_length(), 1 << (most - 1).bit_length())
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """A decode step's inputs and outputs, on the device: each row's last token, its position, its
+    randomness key (prompt key, sample index, step) and the tokens drawn so far this round (out[t])."""
+
+    tokens: Tensor  # (B,)
+    pos: Tensor  # (B,)
+    keys: Tensor  # (B,)
+    samples: Tensor  # (B,)
+    steps: Tensor  # (B,)
+    t: Tensor  # (1,) the step within this round
+    out: Tensor  # (sync_every, B)
+
+    @classmethod
+    def empty(cls, rows: int, steps: int, device: torch.device) -> DecodeState:
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)  # noqa: E731
+        return cls(z(rows), z(rows), z(rows), z(rows), z(rows), z(1), z(steps, rows))
+
+    def fill(self, tokens, pos, keys, samples, steps) -> None:
+        """Rows 0 .. len(tokens)-1 from host lists; the rest stay padding (zeros)."""
+        host = torch.tensor([tokens, pos, keys, samples, steps])  # (5, n)
+        n = host.shape[1]
+        for buf, row in zip((self.tokens, self.pos, self.keys, self.samples, self.steps), host.to(self.tokens.device)):
+            buf[:n] = row
+
+    def copy_from(self, other: DecodeState) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).copy_(getattr(other, f.name))
 
 
 def generate(model: model_lib.Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -47,16 +47,18 @@ def pool_gib(model, blocks, block_size=4):
     return blocks * block_size * S.PagedKVCache.bytes_per_token(model.config, torch.float32) / 2**30
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("max_slots, blocks", [(1, 1000), (16, 1000), (16, 30)])
-def test_greedy_matches_transformers(models, max_slots, blocks):
+def test_greedy_matches_transformers(models, max_slots, blocks, in_place):
     """One slot (no continuous batching), 16 slots with mixed prompt lengths, and a KV pool so small that
-    sequences get preempted and recomputed: every output is transformers' greedy output, token for token."""
+    sequences get preempted and recomputed: every output is transformers' greedy output, token for token,
+    with decode attention gathering each row's keys or reading the pool in place (the GPU path)."""
     ours, hf = models
     batch = prompts([3, 17, 5, 29, 11, 8])
     stops = (0, 1)
     with torch.no_grad():
         expected = [hf_greedy(hf, p, 24, stops) for p in batch]
-    sampler = S.Sampler(ours, kv_gib=pool_gib(ours, blocks), max_slots=max_slots, block_size=4)
+    sampler = S.Sampler(ours, kv_gib=pool_gib(ours, blocks), max_slots=max_slots, block_size=4, in_place=in_place)
     got = [[] for _ in batch]
     for i, j, tokens in sampler.stream(batch, S.SamplingParams(24, stop_ids=stops)):
         got[i] = tokens
@@ -81,7 +83,7 @@ def test_stop_tokens_end_generation(models):
 def test_decode_logits_from_the_paged_cache_equal_the_full_forward(models):
     ours, _ = models
     seq = prompts([23])[0]
-    cache = S.PagedKVCache(ours.config, n_blocks=12, block_size=4, device="cpu", dtype=torch.float32)
+    cache = S.PagedKVCache(ours.config, n_blocks=12, block_size=4, device="cpu", dtype=torch.float32, in_place=False)
     cache.k.fill_(float("nan"))  # unwritten memory may hold anything: it must never reach the output
     cache.v.fill_(float("nan"))
     blocks = [cache.allocate() for _ in range(6)]
@@ -95,6 +97,46 @@ def test_decode_logits_from_the_paged_cache_equal_the_full_forward(models):
             cache.attend = t + 1
             steps.append(ours(torch.tensor([[seq[t]]]), position_ids=torch.tensor([[t]]), cache=cache)[0])
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_attention_equals_the_gathering_path(models):
+    """Decode logits of rows at different lengths, with shared and out-of-order blocks and padding rows,
+    read from the pool in place (flex_attention with a page-table block mask) and by gathering: equal to
+    1e-5 in fp32. Positions past a row's length hold other values, and other blocks huge ones: neither
+    reaches the output."""
+    ours, _ = models
+    torch.manual_seed(0)
+    lengths = [1, 4, 5, 11, 16]
+    out = {}
+    for in_place in (False, True):
+        cache = S.PagedKVCache(ours.config, n_blocks=24, block_size=4, device="cpu", dtype=torch.float32,
+                               in_place=in_place)
+        cache.k.fill_(1e4)
+        cache.v.fill_(1e4)
+        shared = [cache.allocate(), cache.allocate()]  # a prompt's first 8 positions, shared by rows 3 and 4
+        pages = [[cache.allocate()] for _ in range(3)] + [shared + [cache.allocate()] for _ in range(2)]
+        pages[2] = [cache.allocate()] + pages[2]
+        pages[4].append(cache.allocate())
+        pages = [p[::-1] if i == 2 else p for i, p in enumerate(pages)]  # blocks need not be in order
+        cache.zero_fresh()
+        kv = torch.randn(ours.config.num_hidden_layers, ours.config.num_key_value_heads, 24 * 4,
+                         ours.config.head_dim, 2, generator=torch.Generator().manual_seed(1))
+        cache.k.copy_(torch.where(cache.k == 1e4, cache.k, kv[..., 0]))  # every allocated position
+        cache.v.copy_(torch.where(cache.v == 1e4, cache.v, kv[..., 1]))
+        pos = torch.tensor(lengths) - 1  # each row's new token goes to its last position
+        if in_place:
+            cache.decode_buffers(8)
+            cache.set_pages(pages + [[0]] * 3)  # 3 padding rows on the scratch block
+            cache.decode(cache.page_table[:8])
+            ids, pos = torch.tensor([[5]] * 8), torch.cat([pos, torch.zeros(3, dtype=torch.long)])
+        else:
+            width = max(map(len, pages))
+            cache.decode(torch.tensor([p + [0] * (width - len(p)) for p in pages]), max(lengths))
+            ids = torch.tensor([[5]] * 5)
+        with torch.no_grad():
+            out[in_place] = ours(ids, position_ids=pos[:, None], cache=cache)[:5, 0]
+    assert out[True].abs().max() < 1e3
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
 
 
 class FixedLogits(nn.Module):
@@ -187,18 +229,21 @@ def test_samples_are_reproducible_whatever_the_schedule(models):
     assert S.generate(ours, batch, max_slots=16, **(kw | {"seed": 12})) != a
 
 
-def test_a_prompt_is_prefilled_once_for_its_samples(models, monkeypatch):
+def test_a_prompt_is_prefilled_once_for_its_samples_and_prompts_together(models, monkeypatch):
     ours, _ = models
     calls = []
     real = S.Sampler._prefill
 
-    def counting(self, i, prompt, samples):
-        calls.append(i)
-        return real(self, i, prompt, samples)
+    def counting(self, items):
+        calls.append([i for i, _, _ in items])
+        return real(self, items)
 
     monkeypatch.setattr(S.Sampler, "_prefill", counting)
     out = S.generate(ours, prompts([30, 9]), max_new_tokens=5, temperature=1.0, n=8)
-    assert len(out) == 16 and sorted(calls) == [0, 1]
+    assert len(out) == 16 and calls == [[0, 1]]  # one packed forward for both prompts, once for all samples
+    calls.clear()
+    S.Sampler(ours, max_slots=4, prefill_tokens=40).stream(prompts([30, 9, 20, 3, 3]), S.SamplingParams(2)).__next__()
+    assert calls[0] == [0, 1]  # a token budget of 40 stops the first packed prefill after 39 tokens
 
 
 def test_bad_requests_get_clear_errors(models):
