@@ -333,6 +333,34 @@ def test_draw_runs_on_the_meta_device():
         assert tokens.shape == (4,) and tokens.dtype == torch.long
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_draw_replays_in_a_cuda_graph():
+    """On a GPU at evaluation size: the draw never synchronizes with the host, and a captured draw replayed on
+    new logits and keys gives the eager draw's tokens."""
+    B, V = 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = S.SamplingParams(1, 0.6, 0.95, 20, seed=3)
+    logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16, generator=g)
+    prompt, sample, step = (k.cuda() for k in keys(B))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        S.draw(logits, params, prompt, sample, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        S.draw(logits, params, prompt, sample, step)  # warm-up off the capturing stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = S.draw(logits, params, prompt, sample, step)
+    logits.copy_(torch.randn(B, V, device="cuda", dtype=torch.bfloat16, generator=g))
+    step += 1
+    graph.replay()
+    assert torch.equal(tokens, S.draw(logits, params, prompt, sample, step))
+
+
 @pytest.fixture(scope="module")
 def flat_model():
     """A model whose next-token distribution is nearly flat (small weights: logits within ~0.05 of each
