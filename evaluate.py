@@ -19,11 +19,14 @@ extracted answer, verdict and token count) and <out>/results.json, and prints a 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import math
+import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +105,8 @@ def problem_key(bench: str, problem_id: str) -> int:
 
 def read_generations(out: Path) -> dict[tuple[str, str], list[dict]]:
     """The samples of every problem in every rank's file of earlier or current runs, one record per sample in
-    sample order. A torn last line is ignored; a sample written twice (a run killed part-way through writing a
-    problem, which the next run samples again, identically) counts once."""
+    sample order. A line that does not parse (torn by a killed run) is ignored; a sample written twice (a run
+    killed part-way through writing a problem, which the next run samples again, identically) counts once."""
     done = defaultdict(dict)
     for path in sorted(out.glob("generations.rank*.jsonl")):
         for line in path.read_text().splitlines():
@@ -113,6 +116,27 @@ def read_generations(out: Path) -> dict[tuple[str, str], list[dict]]:
                 continue
             done[(rec["benchmark"], rec["id"])][rec["sample"]] = rec
     return defaultdict(list, {k: [v[j] for j in sorted(v)] for k, v in done.items()})
+
+
+def drop_torn_tails(out: Path, log: Callable[[str], None]) -> None:
+    """Cut the torn last line (a run killed while writing it) off every rank's file, reporting it, so that a
+    resumed run appends whole lines after whole lines: appended onto the torn line, its first record would be
+    unreadable too, and its problem would be reported with a sample missing."""
+    for path in sorted(out.glob("generations.rank*.jsonl")):
+        with open(path, "r+b") as f:
+            size = end = f.seek(0, os.SEEK_END)
+            while end > 0:  # back to just after the last newline, a MiB at a time
+                start = max(end - 2**20, 0)
+                f.seek(start)
+                newline = f.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    break
+                end = start
+            if end < size:
+                f.truncate(end)
+                log(f"{path}: dropped a torn last line ({size - end} bytes, left by a killed run); "
+                    f"its problem is sampled again")
 
 
 # -----------------------------------------------------------------------------
@@ -176,7 +200,12 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
         if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
             raise SystemExit(f"error: {out} holds generations made with other settings; use another --out")
         settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        drop_torn_tails(out, log)
     dist.barrier()
+    # Ranks finish sampling hours apart (and rank 0 then grades for minutes), but a collective on the default
+    # group fails after its 30-minute timeout (NCCL's watchdog then kills the job): the waits at the end of
+    # the run go through a gloo group whose timeout no evaluation reaches.
+    finish_line = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
 
     problems = [(name, row) for name, rows in benches for row in rows[:args.limit]]
     done = read_generations(out)
@@ -213,10 +242,10 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
                 eta = (last_log - t0) / finished * (len(mine) - finished)
                 log(f"  rank 0: {finished}/{len(mine)} problems, {rate:,.0f} generated tokens/s, "
                     f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-    dist.barrier()
+    dist.barrier(group=finish_line)
     if rank == 0:
         report(args, out, benches, problems)
-    dist.barrier()
+    dist.barrier(group=finish_line)
 
 
 def report(args, out: Path, benches, problems) -> None:

@@ -9,9 +9,13 @@ memory is a pool of fixed-size blocks handed out as sequences grow (a paged cach
 lengths; a prompt is prefilled once and its full blocks are shared by its n samples (each copies only the
 partial last block). When the pool runs out, the newest sequence is preempted and recomputed later.
 
-Randomness is counter-based: the token a sample draws at step t depends only on (seed, prompt index, sample
-index, t) and the model's logits, never on which slot or batch it ran in. A seed therefore gives the same
-outputs whatever the memory budget, the scheduling, a preemption, a resumed evaluation or the number of GPUs.
+Randomness is counter-based: the token a sample draws at step t is an exponential race between the kept
+tokens with noise from (seed, prompt key, sample index, t, token id) alone, never from the slot or batch it
+ran in. A seed therefore gives the same outputs whatever the memory budget, the scheduling, a preemption, a
+resumed evaluation or the number of GPUs, as long as the logits agree up to rounding far below the gap between
+the race's top two candidates (and the winner is not within rounding of the top-k/top-p boundary): logits do
+round differently per batch size (other GEMM kernels), and the race, unlike inverting a CDF over sorted tokens,
+only notices at near-ties.
 
 Public API: `generate(model, prompts, *, max_new_tokens, temperature, top_p, top_k, stop_ids, n, seed)`, and
 `Sampler.stream(...)`, which yields each (prompt, sample) as soon as it finishes.
@@ -58,32 +62,74 @@ def _hash32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def uniforms(seed: int, prompt: Tensor, sample: Tensor, step: Tensor) -> Tensor:
-    """One uniform in (0, 1) per row, float64 with 53 random bits, from (seed, prompt, sample, step) alone."""
-    key = _hash32(_hash32(_hash32(torch.full_like(prompt, seed & 0xFFFFFFFF)) ^ prompt) ^ sample)
-    key = _hash32(key ^ step)
-    hi, lo = _hash32(key ^ 0x9E3779B9) >> 5, _hash32(key ^ 0x7F4A7C15) >> 6  # 27 + 26 bits
-    return ((hi * (1 << 26) + lo).double() + 0.5) / 2.0**53
+def exponentials(seed: int, prompt: Tensor, sample: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Exp(1) noise (B, V) float64 of every token id of every row, a function of (seed, prompt key, sample
+    index, step, token id) alone, so a row gets the same noise in any batch. 52 random bits per token (two
+    32-bit hashes): the race is won by a small E (about 1/V when the distribution is flat), which needs the
+    fine grid of u near 1 to be exact; one 32-bit hash would round E to multiples of ~2^-32."""
+    key = _hash32(_hash32(_hash32(_hash32(torch.full_like(prompt, seed & 0xFFFFFFFF)) ^ prompt) ^ sample) ^ step)
+    token = torch.arange(vocab, device=prompt.device)  # (V,)
+    hi = _hash32(_hash32(key ^ 0x9E3779B9)[:, None] ^ token)  # (B, V), 32 bits
+    lo = _hash32(_hash32(key ^ 0x7F4A7C15)[:, None] ^ token) >> 12  # (B, V), 20 bits
+    u = ((hi << 20 | lo).double() + 0.5) * 2.0**-52  # (B, V) in (0, 1), exactly
+    return -u.log()
 
 
-def sample_tokens(logits: Tensor, params: SamplingParams, u: Tensor | None) -> Tensor:
-    """Next token of each row from (B, V) logits: greedy at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top-k tokens (ties at the k-th value kept) and then to
-    the nucleus (the most probable tokens whose mass, before each, is below top_p), by inverting the CDF
-    of the truncated distribution at the row's uniform u (B,)."""
+def _nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """Tokens (B, V) whose strictly more probable tokens hold less than top_p of the mass, by a radix select
+    of the threshold probability t* (the smallest kept one) instead of a sort: kept <=> p >= t*.
+
+    Masses are summed in 2^-52 fixed point, so sums are exact and do not depend on the order of summation.
+    Non-negative floats order like their bit patterns (30 bits for p <= 1), so t* is found 10 bits at a time:
+    a histogram of the mass per 10-bit digit among tokens sharing the digits found so far; the digit of t* is
+    the lowest one whose mass above it (above the prefix, plus the higher digits' buckets) is below top_p.
+    Three rounds of fixed-shape passes, no branch on values: ready for CUDA graphs."""
+    bits = probs.view(torch.int32).long()  # (B, V), ordered like probs
+    mass = (probs.double() * 2.0**52).long()  # (B, V), fixed point
+    limit = math.ceil(top_p * 2.0**52)  # mass < top_p <=> fixed-point mass < limit
+    prefix = torch.zeros(probs.shape[0], 1, dtype=torch.long, device=probs.device)  # t*'s digits so far
+    above = torch.zeros_like(prefix)  # mass of the tokens above the prefix's range, < limit
+    for shift in (20, 10, 0):
+        digit = (bits >> shift) & 1023  # (B, V)
+        inside = (bits >> (shift + 10)) == prefix  # (B, V)
+        hist = torch.zeros(probs.shape[0], 1024, dtype=torch.long, device=probs.device)
+        hist.scatter_add_(1, digit, mass.where(inside, 0))  # (B, 1024)
+        over = above + hist.flip(-1).cumsum(-1).flip(-1) - hist  # (B, 1024) mass above each bucket, non-increasing
+        d = (over >= limit).sum(-1, keepdim=True)  # (B, 1) the lowest bucket with over < limit (over[1023] = above)
+        above = over.gather(1, d)
+        prefix = prefix * 1024 + d
+    return bits >= prefix
+
+
+def kept_tokens(scores: Tensor, top_k: int, top_p: float) -> Tensor:
+    """The tokens (B, V) a draw may return, defined without an order so that exactly tied tokens are kept or
+    dropped together: top-k keeps every token whose score is at least the k-th largest; top-p then keeps a
+    token iff the strictly more probable tokens of softmax(scores) restricted to top-k hold less than top_p of
+    the mass. No full-vocabulary sort: top-k selects k values, top-p is a radix select."""
+    keep = torch.ones_like(scores, dtype=torch.bool)  # (B, V)
+    if 0 < top_k < scores.shape[-1]:
+        keep = scores >= scores.topk(top_k, dim=-1).values[:, -1:]
+    if top_p < 1:
+        keep &= _nucleus(scores.masked_fill(~keep, float("-inf")).softmax(dim=-1), top_p)
+    return keep
+
+
+def draw(logits: Tensor, params: SamplingParams, prompt: Tensor, sample: Tensor, step: Tensor) -> Tensor:
+    """Next tokens (B,) from logits (B, V) of rows identified by (prompt key, sample, step) (B,) each.
+
+    Greedy at temperature 0. Otherwise an exponential race (Gumbel-max): the kept token maximizing
+    logits / temperature - log E, with E ~ Exp(1) from `exponentials`. The winner is distributed exactly as
+    softmax(logits / temperature) restricted to the kept tokens and renormalized, and it only changes when
+    the logits move by as much as the gap between the race's top two candidates: rounding noise in the logits
+    (another batch size, another kernel) changes a draw only at near-ties, unlike inverting a CDF, which
+    any reordering of the tail shifts. Fixed-shape tensor ops only: no host synchronization."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    scores, order = (logits.float() / params.temperature).sort(dim=-1, descending=True, stable=True)  # (B, V)
-    if params.top_k:
-        kth = scores[:, min(params.top_k, scores.shape[-1]) - 1:][:, :1]  # (B, 1)
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = scores.softmax(dim=-1).double()  # (B, V), descending
-    if params.top_p < 1.0:
-        before = probs.cumsum(dim=-1) - probs  # mass of the more probable tokens
-        probs = probs.masked_fill(before >= params.top_p, 0.0)
-    cdf = probs.cumsum(dim=-1)  # (B, V)
-    rank = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
-    return order.gather(1, rank)[:, 0]
+    scores = logits.float() / params.temperature  # (B, V)
+    race = scores.double() - exponentials(params.seed, prompt, sample, step, scores.shape[-1]).log()  # (B, V)
+    if params.top_k or params.top_p < 1:
+        race = race.masked_fill(~kept_tokens(scores, params.top_k, params.top_p), float("-inf"))
+    return race.argmax(dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -443,12 +489,7 @@ class Sampler:
                                as_tensor(0))[0])
         return _Seq(prefix.prompt, sample, blocks, prefix.length, [first], admitted)
 
-    @staticmethod
-    def _draw(logits: Tensor, params: SamplingParams, prompt: Tensor, sample: Tensor, step: Tensor) -> Tensor:
-        """Next tokens (B,) for rows identified by (prompt key, sample, step): the same draw for a first token
-        and for a decoded one (no uniforms needed when greedy)."""
-        u = uniforms(params.seed, prompt, sample, step) if params.temperature else None
-        return sample_tokens(logits, params, u)
+    _draw = staticmethod(draw)  # the same draw for a first token and for a decoded one
 
     def _grow(self, active: list[_Seq], steps: int) -> bool:
         """Give every sequence blocks for `steps` more tokens; False (allocating nothing) if the pool is short."""

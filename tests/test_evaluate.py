@@ -1,9 +1,14 @@
 """evaluate.py: pass@k, SEM, and the whole evaluation on toy models, including resume."""
 
+import datetime
 import json
+import time
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import data as D
 import evaluate as E
@@ -125,6 +130,44 @@ def test_a_problem_written_in_part_then_again_counts_once(toy, tmp_path):
     (tmp_path / "partial" / "generations.rank0.jsonl").write_text("\n".join(shard[:3 * 2 + 2]) + "\n")  # 2 + 2/3
     _, records = run(toy, tmp_path / "partial")
     assert records == full
+
+
+def test_a_torn_last_line_is_dropped_and_reported_once(toy, tmp_path, capsys):
+    """A run killed in the middle of writing a line leaves it torn: the rerun drops it (saying so once) and
+    appends after the whole lines, samples that problem again and reports every sample exactly once."""
+    _, full = run(toy, tmp_path / "full")
+    shard = (tmp_path / "full" / "generations.rank0.jsonl").read_text().splitlines()
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "generations.rank0.jsonl").write_text("\n".join(shard[:6]) + "\n" + shard[6][:40])
+    capsys.readouterr()
+    _, records = run(toy, tmp_path / "torn")
+    assert records == full
+    assert capsys.readouterr().out.count("torn last line") == 1
+    lines = (tmp_path / "torn" / "generations.rank0.jsonl").read_text().splitlines()
+    assert lines[:6] == shard[:6] and all(json.loads(line) for line in lines)
+
+
+def finish_late(rank, toy, out, init):
+    """A rank of a 2-rank gloo group whose collectives time out after 2 seconds; rank 1 samples 5 seconds
+    longer than rank 0."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+    if rank == 1:
+        real = S.Sampler.stream
+        S.Sampler.stream = lambda *a, **k: time.sleep(5) or real(*a, **k)
+    args = E.parse_args(["--model", str(toy / "model"), "--benchmarks", str(toy / "toy" / "test.jsonl"),
+                         "--out", str(out), "--samples", "2", "--max-new-tokens", "4", "--prompt", "{problem}"])
+    try:
+        E.evaluate(args, rank, 2, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_finishing_past_the_collective_timeout_still_finish(toy, tmp_path):
+    """Under torchrun, ranks end their sampling hours apart while the default group's collectives time out
+    after 30 minutes: here 5 seconds apart, with a 2-second timeout, and the run still ends with a report."""
+    mp.spawn(finish_late, args=(toy, tmp_path / "out", f"file://{tmp_path / 'rendezvous'}"), nprocs=2)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["benchmarks"]["test"]["problems"] == 8
 
 
 def test_bad_benchmark_and_settings_are_refused(toy, tmp_path):

@@ -154,18 +154,17 @@ class FixedLogits(nn.Module):
 
 
 def truncated(logits, temperature, top_k, top_p):
-    """The exact distribution the sampler must draw from."""
-    p = torch.tensor(logits, dtype=torch.float64) / temperature
-    order = p.argsort(descending=True, stable=True)
-    s = p[order]
+    """The exact distribution the sampler must draw from, in float64: softmax(logits / temperature)
+    restricted to the tokens scoring at least the k-th largest, then to those whose strictly more probable
+    tokens hold less than top_p of the mass, renormalized."""
+    s = torch.tensor(logits, dtype=torch.float64) / temperature
     if top_k:
-        s = s.masked_fill(s < s[top_k - 1], -math.inf)
+        s = s.masked_fill(s < s.sort(descending=True).values[top_k - 1], -math.inf)
     q = s.softmax(0)
     if top_p < 1:
-        q = q.masked_fill(q.cumsum(0) - q >= top_p, 0.0)
-    out = torch.zeros_like(q)
-    out[order] = q / q.sum()
-    return out.numpy()
+        above = ((q[None, :] > q[:, None]) * q[None, :]).sum(1)  # mass of the strictly more probable tokens
+        q = q.masked_fill(above >= top_p, 0.0)
+    return (q / q.sum()).numpy()
 
 
 def chi2(counts, probs):
@@ -203,14 +202,239 @@ def test_sampling_frequencies_match_the_truncated_distribution(temperature, top_
                 assert wrong_stat > 100, (wrong_kept, wrong_stat)  # p < 1e-15 at these degrees of freedom
 
 
+def rows(n):
+    """Keys of n rows: prompt 0, sample i, step 0."""
+    return torch.zeros(n, dtype=torch.long), torch.arange(n), torch.zeros(n, dtype=torch.long)
+
+
 def test_top_p_boundary_is_exact():
     """probs 0.4, 0.3, 0.2, 0.1: top-p 0.7 keeps the first two (their mass before the third is 0.7);
     top-p 0.71 keeps three."""
     logits = torch.tensor([[math.log(0.4), math.log(0.3), math.log(0.2), math.log(0.1)]]).repeat(4000, 1)
-    u = torch.rand(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for top_p, allowed in ((0.7, {0, 1}), (0.71, {0, 1, 2}), (0.4, {0}), (1.0, {0, 1, 2, 3})):
-        drawn = set(S.sample_tokens(logits, S.SamplingParams(1, 1.0, top_p), u).tolist())
+        drawn = set(S.draw(logits, S.SamplingParams(1, 1.0, top_p), *rows(4000)).tolist())
         assert drawn == allowed, top_p
+
+
+def reference_kept(scores, top_k, top_p):
+    """S.kept_tokens' definition computed the straightforward way, with a full sort of the vocabulary."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if 0 < top_k < scores.shape[-1]:
+        keep = scores >= scores.sort(dim=-1, descending=True).values[:, top_k - 1:top_k]
+    if top_p < 1:
+        q = scores.masked_fill(~keep, -math.inf).softmax(dim=-1)  # the probabilities sample.py computes
+        mass = (q.double() * 2**52).long()  # and its fixed point
+        ascending, order = q.sort(dim=-1)
+        upto = mass.gather(1, order).cumsum(dim=-1)  # mass of the tokens up to each, least probable first
+        last = torch.searchsorted(ascending, q, right=True) - 1  # the last position of each token's value
+        keep &= upto[:, -1:] - upto.gather(1, last) < math.ceil(top_p * 2**52)  # mass strictly above < top_p
+    return keep
+
+
+def reference_draw(logits, params, prompt, sample, step):
+    """The race over the reference's kept tokens, with sample.py's noise."""
+    scores = logits.float() / params.temperature
+    race = scores.double() - S.exponentials(params.seed, prompt, sample, step, scores.shape[-1]).log()
+    return race.masked_fill(~reference_kept(scores, params.top_k, params.top_p), -math.inf).argmax(dim=-1)
+
+
+def keys(n, step=0):
+    return torch.arange(n) % 7, torch.arange(n), torch.full((n,), step)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.95), (0, 0.6), (0, 0.05), (1, 1.0), (40, 0.9), (3, 0.5),
+                                          (200, 1.0), (0, 1.0)])
+def test_fast_truncation_equals_the_full_sort_statistically(top_k, top_p):
+    """1,000 rows of logits from nearly flat to peaked, a third with many exact ties, four draws each: the
+    radix-select nucleus and top-k keep exactly the reference's tokens, and the draws are the same."""
+    g = torch.Generator().manual_seed(top_k * 100 + int(100 * top_p))
+    logits = torch.randn(1000, 700, generator=g) * torch.logspace(-3, 1, 1000)[:, None]  # (B, V)
+    logits[::3] = (logits[::3] * 4).round()
+    params = S.SamplingParams(1, 0.8, top_p, top_k, seed=3)
+    assert torch.equal(S.kept_tokens(logits / 0.8, top_k, top_p), reference_kept(logits / 0.8, top_k, top_p))
+    for step in range(4):
+        assert torch.equal(S.draw(logits, params, *keys(1000, step)), reference_draw(logits, params, *keys(1000, step)))
+
+
+def adversarial_logits():
+    """Rows the nucleus could get wrong, named."""
+    V = 64
+    g = torch.Generator().manual_seed(5)
+    rows = {
+        "all tied": torch.zeros(V),
+        "flat tail": torch.cat([torch.tensor([4.0, 3.0]), 1e-6 * torch.randn(V - 2, generator=g)]),
+        "exact tail ties": torch.cat([torch.tensor([2.0, 1.0]), torch.zeros(V - 2)]),
+        "many ties": torch.randint(0, 3, (V,), generator=g).float(),
+        # probabilities 1/2, 1/8 x 4 (and nothing else): top-p 0.5 falls exactly between the head and the tie
+        "tie at the boundary": torch.tensor([math.log(0.5)] + [math.log(0.125)] * 4 + [-math.inf] * (V - 5)),
+        "tied head": torch.tensor([3.0, 3.0, 3.0] + [0.0] * (V - 3)),
+        "dominant": torch.tensor([40.0] + [0.0] * (V - 1)),
+        "-inf": torch.where(torch.arange(V) % 2 == 0, torch.randn(V, generator=g), -math.inf),
+        "one finite": torch.tensor([-math.inf] * 7 + [0.0] + [-math.inf] * (V - 8)),
+    }
+    return rows
+
+
+@pytest.mark.parametrize("name", list(adversarial_logits()))
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.5), (0, 0.95), (0, 1e-9), (1, 1.0), (2, 0.9),
+                                          (5, 0.5), (64, 0.9), (1000, 0.95)])
+def test_fast_truncation_equals_the_full_sort_on_adversarial_rows(name, top_k, top_p):
+    """Flat tails, exact ties (at the top, in the tail, at the top-p boundary), one dominant token, -inf
+    logits, top-k = 1 and >= V, top-p = 1: the same kept tokens and draws as the reference, over 256 draws of
+    the row; exactly tied tokens are kept or dropped together, and a -inf logit is never drawn."""
+    row = adversarial_logits()[name]
+    logits = row.repeat(256, 1)  # (256, V): one row, 256 samples
+    params = S.SamplingParams(1, 1.0, top_p, top_k, seed=1)
+    keep = S.kept_tokens(logits, top_k, top_p)
+    assert torch.equal(keep, reference_kept(logits, top_k, top_p))
+    tied = row[:, None] == row[None, :]
+    assert (keep[0][:, None] == keep[0][None, :])[tied].all()
+    drawn = S.draw(logits, params, *keys(256))
+    assert torch.equal(drawn, reference_draw(logits, params, *keys(256)))
+    assert keep[0][drawn].all() and (row[drawn] > -math.inf).all()
+    if top_k >= len(row):
+        assert torch.equal(drawn, S.draw(logits, S.SamplingParams(1, 1.0, top_p, 0, seed=1), *keys(256)))
+
+
+def test_exact_ties_and_the_boundary_by_hand():
+    """Four tied tokens are all kept whatever top_p (none is strictly less probable than another), where a
+    sorted cumulative sum would keep as many as top_p needs, in an arbitrary order; probabilities 1/2 and
+    1/8 x 4 keep the head alone at top-p 0.5 and everything at top-p just above 0.5."""
+    tied = torch.zeros(1, 4)
+    for top_p in (0.1, 0.3, 0.6, 1.0):
+        assert S.kept_tokens(tied, 0, top_p).all()
+    boundary = torch.tensor([[math.log(0.5)] + [math.log(0.125)] * 4])
+    assert S.kept_tokens(boundary, 0, 0.5).tolist() == [[True, False, False, False, False]]
+    assert S.kept_tokens(boundary, 0, 0.5 + 1e-6).all()
+    assert S.kept_tokens(boundary, 1, 1.0).tolist() == [[True, False, False, False, False]]
+    assert S.kept_tokens(boundary, 2, 1.0).all()  # the 2nd largest is tied with three others: all kept
+
+
+def test_draw_is_exact_in_distribution():
+    """40,000 draws from a tie-heavy distribution in one call per setting: the frequencies pass a
+    chi-square test against the exact truncated, renormalized softmax, and their total variation distance
+    from it is at the level of sampling noise."""
+    logits = [2.0, 2.0, 1.5, 1.5, 1.5, 1.0, 0.7, 0.7, 0.3, 0.0, 0.0, -0.4, -1.0, -1.0, -2.0, -math.inf]
+    n = 40_000
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 0.8), (1.0, 9, 1.0), (1.3, 12, 0.9), (1.0, 0, 0.3)):
+        probs = truncated(logits, temperature, top_k, top_p)
+        params = S.SamplingParams(1, temperature, top_p, top_k, seed=9)
+        drawn = S.draw(torch.tensor([logits]).repeat(n, 1), params, *keys(n))
+        counts = np.bincount(drawn.numpy(), minlength=len(logits))
+        assert (counts[probs == 0] == 0).all(), (temperature, top_k, top_p)
+        stat, dof = chi2(counts, probs)
+        assert stat < dof + 5 * math.sqrt(2 * dof), (counts, probs)
+        assert 0.5 * np.abs(counts / n - probs).sum() < 0.02
+
+
+def test_rounding_noise_moves_a_draw_only_at_near_ties():
+    """Nearly flat logits perturbed by 1e-6 (another GEMM's rounding), which reorders the near-tied tokens of
+    almost every row: a draw changes only in rows whose race has its top two candidates within the
+    perturbation, or whose winner is a token the perturbation moved across the top-k or top-p boundary."""
+    g = torch.Generator().manual_seed(0)
+    logits = 1 + 1e-3 * torch.randn(4000, 500, generator=g)  # (B, V)
+    noisy = logits + 1e-6 * torch.randn(logits.shape, generator=g)
+    assert (logits.argsort(dim=-1) != noisy.argsort(dim=-1)).any(dim=-1).float().mean() > 0.9  # reordered
+    for params in (S.SamplingParams(1, 1.0), S.SamplingParams(1, 1.0, 0.95), S.SamplingParams(1, 0.6, 0.9, 100)):
+        race = (logits / params.temperature).double() - S.exponentials(params.seed, *keys(4000), 500).log()
+        top2 = race.topk(2, dim=-1).values  # (B, 2)
+        near = top2[:, 0] - top2[:, 1] < 1e-5  # (B,)
+        a, b = S.draw(logits, params, *keys(4000)), S.draw(noisy, params, *keys(4000))
+        flipped = (S.kept_tokens(logits / params.temperature, params.top_k, params.top_p)
+                   != S.kept_tokens(noisy / params.temperature, params.top_k, params.top_p))  # (B, V)
+        at_boundary = flipped.gather(1, a[:, None])[:, 0] | flipped.gather(1, b[:, None])[:, 0]
+        moved = a != b
+        assert not (moved & ~near & ~at_boundary).any(), params
+        assert moved.sum() <= 20, params  # 0.5%, here from a top-k boundary among nearly equal logits
+
+
+def test_a_row_draws_the_same_token_in_any_batch():
+    """The draw of a row depends on its logits and keys alone: not on the other rows or its position."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 300, generator=g)
+    params = S.SamplingParams(1, 1.0, 0.9, 50, seed=4)
+    prompt, sample, step = torch.randint(0, 2**32, (3, 64), generator=g)
+    full = S.draw(logits, params, prompt, sample, step)
+    perm = torch.randperm(64, generator=g)
+    assert torch.equal(S.draw(logits[perm], params, prompt[perm], sample[perm], step[perm]), full[perm])
+    assert all(S.draw(logits[i:i + 1], params, prompt[i:i + 1], sample[i:i + 1], step[i:i + 1]) == full[i]
+               for i in range(0, 64, 9))
+    greedy = S.draw(logits.bfloat16(), S.SamplingParams(1), prompt, sample, step)
+    assert torch.equal(greedy, logits.bfloat16().argmax(-1))
+
+
+def test_draw_runs_on_the_meta_device():
+    """Tensors on the meta device have shapes but no values, so this fails on any host synchronization
+    (.item(), .tolist(), bool(tensor), a Python branch on a value), any data-dependent shape (nonzero, boolean
+    indexing) and any tensor made on the CPU: what capturing the draw in a CUDA graph rules out."""
+    prompt = sample = step = torch.arange(4, device="meta")
+    logits = torch.empty(4, 1000, device="meta", dtype=torch.bfloat16)
+    for params in (S.SamplingParams(1), S.SamplingParams(1, 0.7), S.SamplingParams(1, 0.7, 0.9),
+                   S.SamplingParams(1, 0.7, 1.0, 5), S.SamplingParams(1, 0.7, 0.9, 20)):
+        tokens = S.draw(logits, params, prompt, sample, step)
+        assert tokens.shape == (4,) and tokens.dtype == torch.long
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_draw_replays_in_a_cuda_graph():
+    """On a GPU at evaluation size: the draw never synchronizes with the host, and a captured draw replayed on
+    new logits and keys gives the eager draw's tokens."""
+    B, V = 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = S.SamplingParams(1, 0.6, 0.95, 20, seed=3)
+    logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16, generator=g)
+    prompt, sample, step = (k.cuda() for k in keys(B))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        S.draw(logits, params, prompt, sample, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        S.draw(logits, params, prompt, sample, step)  # warm-up off the capturing stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = S.draw(logits, params, prompt, sample, step)
+    logits.copy_(torch.randn(B, V, device="cuda", dtype=torch.bfloat16, generator=g))
+    step += 1
+    graph.replay()
+    assert torch.equal(tokens, S.draw(logits, params, prompt, sample, step))
+
+
+@pytest.fixture(scope="module")
+def flat_model():
+    """A model whose next-token distribution is nearly flat (small weights: logits within ~0.05 of each
+    other) over a vocabulary large enough that the batch changes how the logits round."""
+    config = M.Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = M.build_model(config, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def test_samples_are_identical_whatever_the_batch_on_a_near_flat_model(flat_model):
+    """The hard case: nearly tied logits, whose rounding depends on the batch (padding, GEMM shapes).
+    Temperature 1, top-p 0.95: the same samples with 1 slot, 4 slots, the default, and a KV pool so small
+    that sequences are preempted and recomputed. (Inverting the CDF over the sorted tokens failed this.)"""
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (3, 17, 5, 29, 11, 8)]
+    params = S.SamplingParams(32, 1.0, 0.95, seed=5)
+    kw = dict(max_new_tokens=32, temperature=1.0, top_p=0.95, n=3, seed=5)
+    one = S.generate(flat_model, batch, max_slots=1, kv_gib=0.1, **kw)
+    assert S.generate(flat_model, batch, max_slots=4, kv_gib=0.1, **kw) == one
+    assert S.generate(flat_model, batch, kv_gib=0.1, **kw) == one
+    sampler = S.Sampler(flat_model, kv_gib=pool_gib(flat_model, 40), block_size=4)
+    out = [[] for _ in one]
+    for i, j, tokens in sampler.stream(batch, params, n=3):
+        out[i * 3 + j] = tokens
+    assert sampler.preemptions > 0
+    assert out == one
+    assert len({tuple(x) for x in one}) == len(one)  # samples differ
 
 
 def test_samples_are_reproducible_whatever_the_schedule(models):
