@@ -17,7 +17,8 @@ Pipeline: extract the last \\boxed{} -> clean the string (linear regexes) -> tok
 
 Policies (a reviewer should know these; each is what a careful human grader does):
   - no boxed answer -> incorrect (the prompt demands one); `require_boxed=False` falls back to
-    "final answer is ...", then the last $...$, then the last number.
+    "final answer is ...", then the last $...$, then the last number. `require_think_end=True` is the
+    paper's rule: no closing </think> -> incorrect, and only the text after it is searched.
   - decimals are exact: 0.5 == 1/2, 0.\\overline{3} == 1/3, but 0.333 != 1/3 and 0.866 != sqrt(3)/2.
   - a gold written as a decimal or in scientific notation (Minerva's 9.6, 1.07 \\times 10^{16}) is a
     rounded measurement. A numeric answer is accepted if it rounds to the gold (|a - g| <= half a unit
@@ -122,10 +123,12 @@ class BatchResult:
         return sum(self.timed_out)
 
 
-def extract_answer(response: str) -> str | None:
+def extract_answer(response: str, *, require_think_end: bool = False) -> str | None:
     """The content of the last complete \\boxed{...} (or \\fbox{...}); None if there is none.
 
-    The text after the last </think> is searched first, then the thinking part. Boxes that follow each
+    The text after the last </think> is searched first, then the thinking part. With `require_think_end`
+    (the paper's rule, that of the rllm/DeepScaleR grader) only the text after </think> is: a response
+    without one (cut at the token limit while thinking) has no answer. Boxes that follow each
     other separated only by connectives (punctuation, "and"/"or", \\quad, `\\text{and}`, `\\text{, }`, a name
     and `=`: `\\boxed{2} \\quad \\text{and} \\quad \\boxed{3}`) are joined with commas, since models box the
     parts of a multi-part answer separately. Which reading counts is the gold's shape: a gold of several
@@ -135,7 +138,11 @@ def extract_answer(response: str) -> str | None:
         if not isinstance(response, str):
             return None
         head, sep, tail = response.rpartition("</think>")
-        for region in (tail, head) if sep else (response,):
+        if require_think_end:
+            regions = (tail,) if sep else ()
+        else:
+            regions = (tail, head) if sep else (response,)
+        for region in regions:
             found = _last_boxes(region)
             if found:
                 return ", ".join(found)
@@ -149,14 +156,16 @@ def is_equivalent(answer: str, gold: str, *, timeout: float = 5.0) -> bool:
     return _verdict(answer, gold, timeout)[0]
 
 
-def grade(response: str, gold: str, *, timeout: float = 5.0, require_boxed: bool = True) -> bool:
-    """Whether the final answer of a full model response equals `gold` (see module docstring for policies)."""
-    answer = _answer_of(response, require_boxed)
+def grade(response: str, gold: str, *, timeout: float = 5.0, require_boxed: bool = True,
+          require_think_end: bool = False) -> bool:
+    """Whether the final answer of a full model response equals `gold` (see module docstring for policies;
+    `require_think_end`: see extract_answer)."""
+    answer = _answer_of(response, require_boxed, require_think_end)
     return answer is not None and is_equivalent(answer, gold, timeout=timeout)
 
 
 def grade_batch(pairs: list[tuple[str, str]], *, timeout: float = 5.0, workers: int | None = None,
-                require_boxed: bool = True) -> BatchResult:
+                require_boxed: bool = True, require_think_end: bool = False) -> BatchResult:
     """Grade (response, gold) pairs in worker processes with a per-item time budget.
 
     Answers are extracted here (cheap), so only short strings cross process boundaries, and identical
@@ -170,7 +179,7 @@ def grade_batch(pairs: list[tuple[str, str]], *, timeout: float = 5.0, workers: 
     for i, pair in enumerate(pairs):
         try:
             response, gold = pair
-            answers[i] = _answer_of(response, require_boxed)
+            answers[i] = _answer_of(response, require_boxed, require_think_end)
             if answers[i] is not None and isinstance(gold, str):
                 jobs.setdefault((answers[i], gold), []).append(i)
         except Exception:
@@ -252,12 +261,15 @@ _DOLLAR_RE = re.compile(r"\$([^$]{1,500})\$")
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def _answer_of(response: str, require_boxed: bool) -> str | None:
+def _answer_of(response: str, require_boxed: bool, require_think_end: bool = False) -> str | None:
     """The answer graded for a response: the boxed one, or (if allowed) a best-effort fallback."""
-    answer = extract_answer(response)
+    answer = extract_answer(response, require_think_end=require_think_end)
     if answer is not None or require_boxed or not isinstance(response, str):
         return answer
-    text = response.rpartition("</think>")[2][-MAX_RESPONSE_SCAN:]
+    _, sep, text = response.rpartition("</think>")
+    if require_think_end and not sep:
+        return None
+    text = text[-MAX_RESPONSE_SCAN:]
     finals = _FINAL_RE.findall(text)
     if finals:
         line = finals[-1].split("I hope")[0].strip().rstrip(".")
@@ -2437,9 +2449,11 @@ def main() -> None:
     p.add_argument("--gold", required=True, help="the gold answer (LaTeX)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds allowed for the verification")
     p.add_argument("--no-require-boxed", action="store_true", help="fall back to unboxed final answers")
+    p.add_argument("--require-think-end", action="store_true",
+                   help="the paper's rule: a response without </think> is incorrect; search only after it")
     args = p.parse_args()
     if args.response is not None:
-        answer = _answer_of(args.response, not args.no_require_boxed)
+        answer = _answer_of(args.response, not args.no_require_boxed, args.require_think_end)
         ok = answer is not None and is_equivalent(answer, args.gold, timeout=args.timeout)
     else:
         answer, ok = args.answer, is_equivalent(args.answer, args.gold, timeout=args.timeout)

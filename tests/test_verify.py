@@ -179,6 +179,23 @@ def test_require_boxed_is_a_switch():
     assert verify.grade("\\boxed{4} although the answer is 5", "5", require_boxed=False) is False
 
 
+def test_the_papers_rule_needs_a_closing_think_and_searches_only_after_it():
+    """rllm/DeepScaleR: no </think> (a response cut while thinking) is wrong; the answer is boxed after it."""
+    cut = "<think>\nSo the answer is \\boxed{5}, let me double-check by"
+    boxed_in_thought = "<think>\nIt is \\boxed{5}.\n</think>\n\nThe answer is five."
+    finished = "<think>\nMaybe \\boxed{4}.\n</think>\n\nSo $\\boxed{5}$."
+    for response, lenient, paper in ((cut, "5", None), (boxed_in_thought, "5", None), (finished, "5", "5"),
+                                     ("\\boxed{5}", "5", None), ("</think> \\boxed{5}", "5", "5")):
+        assert verify.extract_answer(response) == lenient
+        assert verify.extract_answer(response, require_think_end=True) == paper
+        assert verify.grade(response, "5") is True
+        assert verify.grade(response, "5", require_think_end=True) is (paper is not None)
+    assert verify.grade(cut, "5", require_boxed=False, require_think_end=True) is False
+    assert verify.grade(boxed_in_thought + " 5", "5", require_boxed=False, require_think_end=True) is True
+    batch = verify.grade_batch([(cut, "5"), (finished, "5"), (finished, "4")], workers=1, require_think_end=True)
+    assert batch.correct == [False, True, False] and batch.answers == [None, "5", "5"]
+
+
 def test_timeout_is_enforced_in_process_and_in_child(monkeypatch):
     def slow(answer, gold):
         while True:
@@ -239,14 +256,16 @@ def test_grade_batch_matches_grade_and_replaces_hung_workers(monkeypatch):
 
 
 def test_public_api_signatures():
-    assert str(inspect.signature(verify.extract_answer)) == "(response: 'str') -> 'str | None'"
+    assert str(inspect.signature(verify.extract_answer)) == (
+        "(response: 'str', *, require_think_end: 'bool' = False) -> 'str | None'")
     assert str(inspect.signature(verify.is_equivalent)) == (
         "(answer: 'str', gold: 'str', *, timeout: 'float' = 5.0) -> 'bool'")
     assert str(inspect.signature(verify.grade)) == (
-        "(response: 'str', gold: 'str', *, timeout: 'float' = 5.0, require_boxed: 'bool' = True) -> 'bool'")
+        "(response: 'str', gold: 'str', *, timeout: 'float' = 5.0, require_boxed: 'bool' = True, "
+        "require_think_end: 'bool' = False) -> 'bool'")
     assert str(inspect.signature(verify.grade_batch)) == (
         "(pairs: 'list[tuple[str, str]]', *, timeout: 'float' = 5.0, workers: 'int | None' = None, "
-        "require_boxed: 'bool' = True) -> 'BatchResult'")
+        "require_boxed: 'bool' = True, require_think_end: 'bool' = False) -> 'BatchResult'")
     fields = [f.name for f in dataclasses.fields(verify.BatchResult)]
     assert fields == ["correct", "answers", "timed_out"]
     assert verify.BatchResult([True, False], ["1", None], [False, True]).n_timeouts == 1
