@@ -202,7 +202,8 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BRACE_RE = re.compile(r"\\.|[{}]", re.S)
 _CONNECTOR = (r"(?:[\s$,;.&]|\\[,;:! ]|\\q?quad(?![A-Za-z])|\\\\|and|or"
               r"|\\(?:text|textrm|mathrm|mbox)\s*\{[\s,;.]*(?:and|or)?[\s,;.]*\})")
-_JOIN_GAP_RE = re.compile(rf"{_CONNECTOR}*(?:\\?[A-Za-z]+(?:_\{{?\w+\}}?)?\s*=\s*)?[\s$]*")  # `\quad\text{and}\quad y = `
+# what may stand between two boxes of one answer: `\quad\text{and}\quad y = `
+_JOIN_GAP_RE = re.compile(rf"{_CONNECTOR}*(?:\\?[A-Za-z]+(?:_\{{?\w+\}}?)?\s*=\s*)?[\s$]*")
 _LAST_BOXES = 10
 _BOX_ATTEMPTS = 50  # `\boxed{` repeated 100,000 times must not cost 100,000 scans
 
@@ -396,8 +397,9 @@ _GREEK = frozenset("alpha beta gamma delta epsilon varepsilon zeta eta theta var
                    "Xi Pi Sigma Upsilon Phi Psi Omega hbar ell odot mho aleph nabla partial".split())
 _GREEK_VARIANTS = {"varphi": "phi", "vartheta": "theta", "varepsilon": "epsilon", "varrho": "rho", "varsigma": "sigma"}
 _MULTI_FUNCS = frozenset("gcd lcm max min".split())  # functions of several arguments, evaluated to a number
-_FUNCS = frozenset("sin cos tan cot sec csc arcsin arccos arctan arccot arcsec arccsc sinh cosh tanh coth sech csch "
-                   "arcsinh arccosh arctanh arccoth arcsech arccsch log ln lg exp sgn floor ceil".split()) | _MULTI_FUNCS
+_FUNCS = _MULTI_FUNCS | frozenset("sin cos tan cot sec csc arcsin arccos arctan arccot arcsec arccsc sinh cosh tanh "
+                                  "coth sech csch arcsinh arccosh arctanh arccoth arcsech arccsch log ln lg exp sgn "
+                                  "floor ceil".split())
 # Other spellings of the same functions: ISO's ar- for the area functions, a- as in code, ceiling, gcf/hcf.
 _FUNC_ALIASES = {**{f"{p}{h}": f"arc{h}" for p in ("ar", "arg", "a") for h in ("sinh", "cosh", "tanh", "coth", "sech",
                                                                              "csch")},

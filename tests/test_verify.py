@@ -290,7 +290,8 @@ def test_cli():
 FAMILIES = {
     "several arguments": [
         (r"\gcd(18, 3)", "3", True), (r"\gcd(18, 3)", "6", False), (r"\operatorname{gcd}(24, 6128)", "8", True),
-        (r"\mathrm{gcd}(12, 18, 27)", "3", True), (r"\lcm(9, 21)", "63", True), (r"\operatorname{lcm}(9, 21)", "189", False),
+        (r"\mathrm{gcd}(12, 18, 27)", "3", True), (r"\lcm(9, 21)", "63", True),
+        (r"\operatorname{lcm}(9, 21)", "189", False),
         (r"\gcd(12, 18)^2", "36", True), (r"gcd(12, 18)", "6", True), (r"\max(1+6/3, -5)", "3", True),
         (r"\max(1+6/3, -5)", "-5", False), (r"\min\{\sqrt{2}, \frac{3}{2}\}", r"\sqrt2", True),
         (r"\min(\sqrt{2}, 1.41)", r"\sqrt2", False), (r"\max(\pi, 3.14)", r"\pi", True), (r"2\max(1, 2)", "4", True),
@@ -303,24 +304,30 @@ FAMILIES = {
     ],
     "inverse hyperbolic": [
         (r"\sinh^{-1}(2)", r"\operatorname{arsinh}(2)", True), (r"\arcsinh(2)", r"\ln(2+\sqrt{5})", True),
-        (r"\operatorname{arsinh} 2", r"\operatorname{asinh}(2)", True), (r"\operatorname{artanh}(1/2)", r"\tanh^{-1}(1/2)", True),
-        (r"\operatorname{artanh}(1/2)", r"\frac{1}{2}\ln 3", True), (r"\cosh^{-1}(3)", r"\operatorname{arcosh}(3)", True),
+        (r"\operatorname{arsinh} 2", r"\operatorname{asinh}(2)", True),
+        (r"\operatorname{artanh}(1/2)", r"\tanh^{-1}(1/2)", True),
+        (r"\operatorname{artanh}(1/2)", r"\frac{1}{2}\ln 3", True),
+        (r"\cosh^{-1}(3)", r"\operatorname{arcosh}(3)", True),
         (r"\coth^{-1}(3)", r"\operatorname{arcoth}(3)", True), (r"\operatorname{arsech}(1/2)", r"\ln(2+\sqrt3)", True),
         (r"arsinh(x)", r"\ln(x + \sqrt{x^2+1})", True),
-        (r"\sinh^{-1}(2)", r"\frac{1}{\sinh 2}", False), (r"\operatorname{arsinh}(2)", r"\operatorname{arcosh}(2)", False),
-        (r"\operatorname{artanh}(1/2)", r"\operatorname{artanh}(1/3)", False), (r"\sinh(2)", r"\operatorname{arsinh}(2)", False),
+        (r"\sinh^{-1}(2)", r"\frac{1}{\sinh 2}", False),
+        (r"\operatorname{arsinh}(2)", r"\operatorname{arcosh}(2)", False),
+        (r"\operatorname{artanh}(1/2)", r"\operatorname{artanh}(1/3)", False),
+        (r"\sinh(2)", r"\operatorname{arsinh}(2)", False),
     ],
     "floor and ceiling": [
         (r"\operatorname{floor}(2.5)", "2", True), (r"\floor(2.5)", r"\lfloor 2.5 \rfloor", True),
         (r"\ceil(2.5)", r"\lceil 2.5 \rceil", True), (r"\operatorname{ceil}(7/2)", "4", True),
         (r"\operatorname{floor}(n/2)", r"\left\lfloor \frac{n}{2} \right\rfloor", True), (r"floor(\pi)", "3", True),
-        (r"\operatorname{floor}(2.5)", "3", False), (r"\ceil(2.5)", "2", False), (r"\floor(n/2)", r"\lceil n/2 \rceil", False),
+        (r"\operatorname{floor}(2.5)", "3", False), (r"\ceil(2.5)", "2", False),
+        (r"\floor(n/2)", r"\lceil n/2 \rceil", False),
     ],
     "relations": [
         (r"a^2 + b^2 != 2c^2", r"a^{2} + b^{2} \neq 2 c^{2}", True), (r"x \ne 2", r"x \neq 2", True),
         (r"x != 2", r"x \not= 2", True), (r"2c^2 \neq a^2 + b^2", r"a^{2} + b^{2} \neq 2 c^{2}", True),
         (r"x \neq 2", r"(-\infty, 2) \cup (2, \infty)", True),
-        (r"a^2 + b^2 != 2c^2", r"a^{2} + b^{2} = 2 c^{2}", False), (r"a^2 + b^2 \ne 3c^2", r"a^{2} + b^{2} \neq 2 c^{2}", False),
+        (r"a^2 + b^2 != 2c^2", r"a^{2} + b^{2} = 2 c^{2}", False),
+        (r"a^2 + b^2 \ne 3c^2", r"a^{2} + b^{2} \neq 2 c^{2}", False),
         (r"x \neq 3", r"x \neq 2", False), (r"x \not< 2", r"x \geq 2", False),
     ],
     "units and words": [
@@ -376,7 +383,8 @@ def test_several_boxes_are_read_by_the_golds_shape():
 
 
 @pytest.mark.parametrize("answer", [
-    r"\gcd(2^{19999}, 3^{12000})", r"\operatorname{lcm}(" + ", ".join(f"{p}^{{2000}}" for p in (2, 3, 5, 7, 11, 13)) + ")",
+    r"\gcd(2^{19999}, 3^{12000})",
+    r"\operatorname{lcm}(" + ", ".join(f"{p}^{{2000}}" for p in (2, 3, 5, 7, 11, 13)) + ")",
     r"10^{6000} \bmod 7", r"\max(" + ",".join(["10^{4000}"] * 300) + ")", r"\sum_{k=0}^{10^9} k",
     r"\prod_{k=1}^{10^{9}} k", r"\sum_{k=1}^{n^{10}} k", r"\sum_{i=1}^{70}\sum_{j=1}^{70}\sum_{l=1}^{70} ijl",
     r"\sum_{i=1}^{n}\sum_{j=1}^{n^2}\sum_{l=1}^{n^3} 1", r"\sum_{k=1}^{4000} \sum_{k=1}^{4000} k",
