@@ -1628,9 +1628,11 @@ def _eq_top(a, g) -> bool:
     if _eq(a, g):
         return True
     # one answer expected, several given (boxes joined by extract_answer): each must be that answer, so the same
-    # answer boxed twice in two forms passes and a hedge between two different answers does not
+    # answer boxed twice in two forms passes and a hedge between two different answers does not; nor do values
+    # of two different unknowns (`x = 2, y = 2` for a gold 2 that may be x + y)
     if isinstance(a, _Seq) and a.kind == "list" and not (isinstance(g, _Seq) and g.kind in ("list", "set")):
-        return all(_eq(x, g) for x in a.items)
+        names = {str(x.terms[0]) for x in a.items if isinstance(x, _Rel)}
+        return len(names) <= 1 and all(_eq(x, g) for x in a.items)
     # Minerva lists the accepted forms of one answer: `7.5 \times 10^7, 7.5 \times 10^7`
     if isinstance(g, _Seq) and g.kind == "list" and len(g.items) > 1 and _all_same(g.items):
         return any(_eq(a, item) for item in g.items)

@@ -378,6 +378,7 @@ def test_several_boxes_are_read_by_the_golds_shape():
         assert not verify.grade(response, "-2, 1, 3") and not verify.grade(response, "-2, 2")
     same = r"$\boxed{x = 5}$ \quad \text{or} \quad $\boxed{5}$"
     assert verify.grade(same, "5") and not verify.grade(same, "5, 5, 5") and not verify.grade(same, "6")
+    assert not verify.grade(r"$\boxed{x = 2}$ \quad \text{and} \quad $\boxed{y = 2}$", "2")  # two unknowns
     assert verify.grade(r"\boxed{(1, 2)} \quad \text{and} \quad \boxed{(1,2)}", "(1, 2)")
     assert verify.extract_answer(r"\boxed{1}. Then after more work we find \boxed{2}") == "2"  # prose: not a list
 
