@@ -74,10 +74,14 @@ def main(argv: list[str] | None = None) -> None:
           f"(%, ± SEM) on {out}/toy/test.jsonl:\n")
     print(f"| model | pass@1 | pass@{args.samples} | mean tokens | cut at limit |")
     print("|---|---|---|---|---|")
+    changed = []
     for name, label in (("sft", "SFT (stage 1)"), ("redi", "+ REDI, alpha 0.8 (stage 2)")):
         m = json.loads((out / name / "eval" / "results.json").read_text())["benchmarks"]["test"]
         print(f"| {label} | {100 * m['pass@1']:.1f} ± {100 * m['sem']:.1f} | {100 * m[f'pass@{args.samples}']:.1f} | "
               f"{m['mean_tokens']:.0f} | {m['cut_at_limit']} |")
+        changed.append(str(m["changed_by_grading"]))
+    print(f"\nGraded by the paper's rule (evaluate.py's default); the lenient rule changes {' and '.join(changed)} "
+          "verdicts of the two models.")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 The paper's protocol (Appendix C.5): its instruction and the problem as the user turn, the chat template
 with the generation forced to start with <think>, temperature 0.6, top-p 0.95, up to 32,768 new tokens;
 pass@1 averaged over the k samples with the SEM of the k per-sample benchmark scores, and pass@k with the
-unbiased estimator. Benchmarks are the bundled benchmarks/<name>.jsonl or any JSONL file with `problem` and
-`answer` fields.
+unbiased estimator. Grading is the paper's (its rllm/DeepScaleR grader): a response without </think> is
+wrong and the answer is the last \\boxed{} after it; `--grading lenient` also searches the thinking part.
+Both rules are computed, and results.json says how many verdicts they disagree on. Benchmarks are the
+bundled benchmarks/<name>.jsonl or any JSONL file with `problem` and `answer` fields.
 
 Writes <out>/generations.rank<r>.jsonl while sampling (a rerun with the same --out skips finished
 problems; the sampler's randomness depends only on the seed and each problem's id, so a resumed run
@@ -44,6 +46,10 @@ PROMPT = ("Solve the following math problem efficiently and clearly. The last li
           "of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' "
           "(without quotes) where ANSWER is just the final number or expression that solves the problem. "
           "Think step by step before answering.\n\n{problem}")
+# How a response is graded (verify.py): "paper" is the rule of the rllm/DeepScaleR grader the paper's numbers come
+# from (a response without </think> is wrong; the answer is boxed after it); "lenient" also searches the thinking
+# part when nothing is boxed after </think>, or when there is no </think> (a response cut at the token limit).
+GRADING = ("paper", "lenient")
 # Generation settings that must match for a rerun to reuse earlier generations.
 SETTINGS = ("model", "samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "prompt", "think_prompt")
 
@@ -165,6 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-gib", type=float, help="KV cache memory per rank (default: 70%% of free GPU memory)")
     p.add_argument("--max-slots", type=int, default=256, help="sequences decoded together per rank")
     p.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per verification")
+    p.add_argument("--grading", choices=GRADING, default="paper",
+                   help="paper: no </think> is wrong, the last box after it is the answer (the rllm/DeepScaleR "
+                        "grader); lenient: also search the thinking part. Both are computed and reported; this one "
+                        "counts. Not a generation setting: rerun with the same --out to regrade.")
     args = p.parse_args(argv)
     if "{problem}" not in args.prompt:
         p.error("--prompt must contain {problem}")
@@ -249,37 +259,48 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
 
 
 def report(args, out: Path, benches, problems) -> None:
-    """Grade every generation, write generations.jsonl and results.json, print the table."""
+    """Grade every generation by both rules (GRADING), write generations.jsonl and results.json, print the table.
+    Metrics follow --grading; how many verdicts the other rule would change is reported with them."""
     done = read_generations(out)
     records = [rec for name, row in problems for rec in done[(name, row["id"])][:args.samples]]
     gold = {(name, row["id"]): row["answer"] for name, row in problems}
+    pairs = [("<think>\n" + r["completion"], gold[(r["benchmark"], r["id"])]) for r in records]
     t = time.time()
-    graded = verify.grade_batch([("<think>\n" + r["completion"], gold[(r["benchmark"], r["id"])]) for r in records],
-                                timeout=args.verify_timeout)
-    print(f"graded {len(records)} generations in {time.time() - t:.0f}s ({graded.n_timeouts} verifier timeouts)")
+    by_rule = {rule: verify.grade_batch(pairs, timeout=args.verify_timeout, require_think_end=rule == "paper")
+               for rule in GRADING}
+    graded, other = by_rule[args.grading], next(rule for rule in GRADING if rule != args.grading)
+    print(f"graded {len(records)} generations by both rules in {time.time() - t:.0f}s "
+          f"({graded.n_timeouts} verifier timeouts)")
     with open(out / "generations.jsonl", "w") as f:
-        for rec, ok, answer, timed_out in zip(records, graded.correct, graded.answers, graded.timed_out):
-            rec |= {"gold": gold[(rec["benchmark"], rec["id"])], "answer": answer, "correct": ok,
-                    "verify_timeout": timed_out}
+        for k, rec in enumerate(records):
+            rec |= {"gold": gold[(rec["benchmark"], rec["id"])], "answer": graded.answers[k],
+                    "correct": graded.correct[k], "verify_timeout": graded.timed_out[k],
+                    "correct_by_rule": {rule: by_rule[rule].correct[k] for rule in GRADING}}
             f.write(json.dumps(rec) + "\n")
-    results = {"model": args.model, "settings": {k: getattr(args, k) for k in SETTINGS}, "benchmarks": {}}
+    results = {"model": args.model, "settings": {k: getattr(args, k) for k in SETTINGS}, "grading": args.grading,
+               "benchmarks": {}}
     for name, _ in benches:
         recs = [r for r in records if r["benchmark"] == name]  # problem-major, samples in order
         correct = np.array([r["correct"] for r in recs], dtype=bool).reshape(-1, args.samples)  # (problems, n)
+        changed = [r for r in recs if r["correct_by_rule"]["paper"] != r["correct_by_rule"]["lenient"]]
         results["benchmarks"][name] = benchmark_metrics(correct, args.ks) | {
             "verify_timeouts": sum(r["verify_timeout"] for r in recs), "cut_at_limit": sum(r["cut"] for r in recs),
-            "mean_tokens": float(np.mean([r["tokens"] for r in recs]))}
+            "mean_tokens": float(np.mean([r["tokens"] for r in recs])),
+            f"pass@1 ({other})": float(np.mean([r["correct_by_rule"][other] for r in recs])),
+            "changed_by_grading": len(changed)}
     scores = [m["pass@1"] for m in results["benchmarks"].values()]
     results["average"] = {"pass@1": float(np.mean(scores))} | {
         f"pass@{k}": float(np.mean([m[f"pass@{k}"] for m in results["benchmarks"].values()]))
         for k in args.ks if k <= args.samples}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    changed = sum(m["changed_by_grading"] for m in results["benchmarks"].values())
+    print(f"grading: {args.grading} rule; the {other} rule would change {changed} of {len(records)} verdicts")
     print(format_table(results, args.ks))
 
 
 def format_table(results: dict, ks: list[int]) -> str:
     """A Markdown table like the paper's Table 1: pass@1 (%) +- SEM per benchmark and their average, then
-    pass@k rows, timeouts and truncations."""
+    pass@k rows, timeouts, truncations, and what the other grading rule would give."""
     benches = results["benchmarks"]
     head = "| metric | " + " | ".join(benches) + " | avg |"
     lines = [head, "|" + "---|" * (len(benches) + 2)]
@@ -292,7 +313,12 @@ def format_table(results: dict, ks: list[int]) -> str:
     lines.append("| problems | " + " | ".join(str(m["problems"]) for m in benches.values()) + " | |")
     lines.append("| cut at limit | " + " | ".join(str(m["cut_at_limit"]) for m in benches.values()) + " | |")
     lines.append("| verifier timeouts | " + " | ".join(str(m["verify_timeouts"]) for m in benches.values()) + " | |")
-    return "\n".join(lines)
+    other = next(rule for rule in GRADING if rule != results["grading"])
+    lines.append(f"| pass@1, {other} grading | " + " | ".join(f"{100 * m[f'pass@1 ({other})']:.1f}"
+                                                              for m in benches.values()) + " | |")
+    lines.append(f"| verdicts {other} grading changes | " + " | ".join(str(m["changed_by_grading"])
+                                                                       for m in benches.values()) + " | |")
+    return f"graded by the {results['grading']} rule (evaluate.py --grading)\n\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -62,10 +62,13 @@ def test_end_to_end_on_a_toy_model(toy, tmp_path):
     assert {"pass@1", "pass@2", "pass@3", "sem", "cut_at_limit", "verify_timeouts"} <= set(m)
     for r in records:  # every generation with its answer, verdict and token count
         assert {"benchmark", "id", "sample", "completion", "tokens", "cut", "answer", "correct", "gold"} <= set(r)
-        assert r["correct"] == verify.grade("<think>\n" + r["completion"], r["gold"])
+        response = "<think>\n" + r["completion"]
+        assert r["correct"] == verify.grade(response, r["gold"], require_think_end=True)  # the paper's rule
+        assert r["correct_by_rule"] == {"paper": r["correct"], "lenient": verify.grade(response, r["gold"])}
         assert r["tokens"] == 12 or not r["cut"]  # cut: at the limit without a stop token
     assert m["cut_at_limit"] == sum(r["cut"] for r in records)
     assert m["pass@1"] == pytest.approx(np.mean([r["correct"] for r in records]))
+    assert results["grading"] == "paper"
 
 
 def scripted_stream(correct_of):
@@ -95,6 +98,37 @@ def test_metrics_of_a_scripted_run_are_exact(toy, tmp_path, monkeypatch):
     assert m["pass@3"] == pytest.approx(1.0)  # every problem has exactly one correct sample of three
     assert m["sem"] == pytest.approx(correct.mean(axis=0).std(ddof=1) / np.sqrt(3))
     assert m["cut_at_limit"] == 0
+
+
+def test_grading_rule_paper_by_default_lenient_on_request(toy, tmp_path, monkeypatch):
+    """A response cut while thinking, or boxing its answer only inside the thinking, is wrong by the paper's
+    rule and right by the lenient one; both are reported, and a rerun with the other rule only regrades."""
+    golds = [json.loads(line)["answer"] for line in (toy / "toy" / "test.jsonl").read_text().splitlines()]
+    forms = ("I get {a}.</think>\n\nTherefore, the final answer is: $\\boxed{{{a}}}$.",  # right by both rules
+             "So the answer is \\boxed{{{a}}}, but let me check",  # no </think>: cut at the limit
+             "It is \\boxed{{{a}}}.</think>\n\nThe answer is above.")  # boxed only while thinking
+
+    def stream(self, prompts, params, n=1, keys=None):
+        tok = D.load_tokenizer(toy / "model")
+        for i, _ in enumerate(prompts):
+            for j in range(n):
+                yield i, j, tok.encode(forms[(i + j) % 3].format(a=golds[i]), add_special_tokens=False).ids
+
+    monkeypatch.setattr(S.Sampler, "stream", stream)
+    results, records = run(toy, tmp_path / "out")
+    m = results["benchmarks"]["test"]
+    by_form = [(i + j) % 3 for i in range(8) for j in range(3)]
+    assert [r["correct"] for r in records] == [f == 0 for f in by_form]
+    assert all(r["correct_by_rule"]["lenient"] for r in records)
+    assert results["grading"] == "paper" and m["pass@1"] == pytest.approx(8 / 24)
+    assert m["changed_by_grading"] == 16 and m["pass@1 (lenient)"] == 1.0
+
+    monkeypatch.setattr(S.Sampler, "stream", lambda self, prompts, *a, **k: iter(()) if not prompts else 1 / 0)
+    results, records = run(toy, tmp_path / "out", "--grading", "lenient")  # nothing is sampled again
+    m = results["benchmarks"]["test"]
+    assert results["grading"] == "lenient" and m["pass@1"] == 1.0
+    assert m["changed_by_grading"] == 16 and m["pass@1 (paper)"] == pytest.approx(8 / 24)
+    assert all(r["correct"] for r in records)
 
 
 def test_resume_after_an_interrupted_run(toy, tmp_path, monkeypatch):

@@ -179,6 +179,23 @@ def test_require_boxed_is_a_switch():
     assert verify.grade("\\boxed{4} although the answer is 5", "5", require_boxed=False) is False
 
 
+def test_the_papers_rule_needs_a_closing_think_and_searches_only_after_it():
+    """rllm/DeepScaleR: no </think> (a response cut while thinking) is wrong; the answer is boxed after it."""
+    cut = "<think>\nSo the answer is \\boxed{5}, let me double-check by"
+    boxed_in_thought = "<think>\nIt is \\boxed{5}.\n</think>\n\nThe answer is five."
+    finished = "<think>\nMaybe \\boxed{4}.\n</think>\n\nSo $\\boxed{5}$."
+    for response, lenient, paper in ((cut, "5", None), (boxed_in_thought, "5", None), (finished, "5", "5"),
+                                     ("\\boxed{5}", "5", None), ("</think> \\boxed{5}", "5", "5")):
+        assert verify.extract_answer(response) == lenient
+        assert verify.extract_answer(response, require_think_end=True) == paper
+        assert verify.grade(response, "5") is True
+        assert verify.grade(response, "5", require_think_end=True) is (paper is not None)
+    assert verify.grade(cut, "5", require_boxed=False, require_think_end=True) is False
+    assert verify.grade(boxed_in_thought + " 5", "5", require_boxed=False, require_think_end=True) is True
+    batch = verify.grade_batch([(cut, "5"), (finished, "5"), (finished, "4")], workers=1, require_think_end=True)
+    assert batch.correct == [False, True, False] and batch.answers == [None, "5", "5"]
+
+
 def test_timeout_is_enforced_in_process_and_in_child(monkeypatch):
     def slow(answer, gold):
         while True:
@@ -239,14 +256,16 @@ def test_grade_batch_matches_grade_and_replaces_hung_workers(monkeypatch):
 
 
 def test_public_api_signatures():
-    assert str(inspect.signature(verify.extract_answer)) == "(response: 'str') -> 'str | None'"
+    assert str(inspect.signature(verify.extract_answer)) == (
+        "(response: 'str', *, require_think_end: 'bool' = False) -> 'str | None'")
     assert str(inspect.signature(verify.is_equivalent)) == (
         "(answer: 'str', gold: 'str', *, timeout: 'float' = 5.0) -> 'bool'")
     assert str(inspect.signature(verify.grade)) == (
-        "(response: 'str', gold: 'str', *, timeout: 'float' = 5.0, require_boxed: 'bool' = True) -> 'bool'")
+        "(response: 'str', gold: 'str', *, timeout: 'float' = 5.0, require_boxed: 'bool' = True, "
+        "require_think_end: 'bool' = False) -> 'bool'")
     assert str(inspect.signature(verify.grade_batch)) == (
         "(pairs: 'list[tuple[str, str]]', *, timeout: 'float' = 5.0, workers: 'int | None' = None, "
-        "require_boxed: 'bool' = True) -> 'BatchResult'")
+        "require_boxed: 'bool' = True, require_think_end: 'bool' = False) -> 'BatchResult'")
     fields = [f.name for f in dataclasses.fields(verify.BatchResult)]
     assert fields == ["correct", "answers", "timed_out"]
     assert verify.BatchResult([True, False], ["1", None], [False, True]).n_timeouts == 1
@@ -264,3 +283,117 @@ def test_cli():
     out = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--answer", "0.5", "--gold", "\\frac12"],
                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0 and out.stdout.strip().endswith("correct") and "incorrect" not in out.stdout
+
+
+# Families that established verifiers read and a careful grader accepts (issue 12). Each family has its
+# near misses right next to it: a value, argument or relation one step off must stay "not equal".
+FAMILIES = {
+    "several arguments": [
+        (r"\gcd(18, 3)", "3", True), (r"\gcd(18, 3)", "6", False), (r"\operatorname{gcd}(24, 6128)", "8", True),
+        (r"\mathrm{gcd}(12, 18, 27)", "3", True), (r"\lcm(9, 21)", "63", True),
+        (r"\operatorname{lcm}(9, 21)", "189", False),
+        (r"\gcd(12, 18)^2", "36", True), (r"gcd(12, 18)", "6", True), (r"\max(1+6/3, -5)", "3", True),
+        (r"\max(1+6/3, -5)", "-5", False), (r"\min\{\sqrt{2}, \frac{3}{2}\}", r"\sqrt2", True),
+        (r"\min(\sqrt{2}, 1.41)", r"\sqrt2", False), (r"\max(\pi, 3.14)", r"\pi", True), (r"2\max(1, 2)", "4", True),
+        (r"17 \bmod 5", "2", True), (r"17 \bmod 5", "3", False), (r"-7 \bmod 3", "2", True),
+        (r"2^{10} \mod 7", "2", True), (r"17 \pmod{5}", "2", True), (r"17 \pmod{5}", "17", False),
+        (r"5 + 4 \pmod 7", "2", True), (r"x \equiv 3 \pmod{7}", "3", True), (r"x \equiv 10 \pmod{7}", "10", False),
+        (r"9 (\text{mod } 4)", "1", True), (r"9 (\text{mod } 4)", "36", False), (r"9 \bmod 4", "9", False),
+        (r"\gcd(x, 6)", "1", False), (r"\max(x, 2)", "2", False), (r"7 \bmod 0", "7", False),
+        (r"\gcd(2.5, 5)", "2.5", False),
+    ],
+    "inverse hyperbolic": [
+        (r"\sinh^{-1}(2)", r"\operatorname{arsinh}(2)", True), (r"\arcsinh(2)", r"\ln(2+\sqrt{5})", True),
+        (r"\operatorname{arsinh} 2", r"\operatorname{asinh}(2)", True),
+        (r"\operatorname{artanh}(1/2)", r"\tanh^{-1}(1/2)", True),
+        (r"\operatorname{artanh}(1/2)", r"\frac{1}{2}\ln 3", True),
+        (r"\cosh^{-1}(3)", r"\operatorname{arcosh}(3)", True),
+        (r"\coth^{-1}(3)", r"\operatorname{arcoth}(3)", True), (r"\operatorname{arsech}(1/2)", r"\ln(2+\sqrt3)", True),
+        (r"arsinh(x)", r"\ln(x + \sqrt{x^2+1})", True),
+        (r"\sinh^{-1}(2)", r"\frac{1}{\sinh 2}", False),
+        (r"\operatorname{arsinh}(2)", r"\operatorname{arcosh}(2)", False),
+        (r"\operatorname{artanh}(1/2)", r"\operatorname{artanh}(1/3)", False),
+        (r"\sinh(2)", r"\operatorname{arsinh}(2)", False),
+    ],
+    "floor and ceiling": [
+        (r"\operatorname{floor}(2.5)", "2", True), (r"\floor(2.5)", r"\lfloor 2.5 \rfloor", True),
+        (r"\ceil(2.5)", r"\lceil 2.5 \rceil", True), (r"\operatorname{ceil}(7/2)", "4", True),
+        (r"\operatorname{floor}(n/2)", r"\left\lfloor \frac{n}{2} \right\rfloor", True), (r"floor(\pi)", "3", True),
+        (r"\operatorname{floor}(2.5)", "3", False), (r"\ceil(2.5)", "2", False),
+        (r"\floor(n/2)", r"\lceil n/2 \rceil", False),
+    ],
+    "relations": [
+        (r"a^2 + b^2 != 2c^2", r"a^{2} + b^{2} \neq 2 c^{2}", True), (r"x \ne 2", r"x \neq 2", True),
+        (r"x != 2", r"x \not= 2", True), (r"2c^2 \neq a^2 + b^2", r"a^{2} + b^{2} \neq 2 c^{2}", True),
+        (r"x \neq 2", r"(-\infty, 2) \cup (2, \infty)", True),
+        (r"a^2 + b^2 != 2c^2", r"a^{2} + b^{2} = 2 c^{2}", False),
+        (r"a^2 + b^2 \ne 3c^2", r"a^{2} + b^{2} \neq 2 c^{2}", False),
+        (r"x \neq 3", r"x \neq 2", False), (r"x \not< 2", r"x \geq 2", False),
+    ],
+    "units and words": [
+        (r"\$28", "28", True), ("\u20ac28", "28", True), ("28 \u20ac", "28", True), ("\u00a328.50", "28.5", True),
+        (r"\euro 28", "28", True), ("28 USD", "28", True), ("USD 28", "28", True), ("Rs. 500", "500", True),
+        ("28 euros", "28", True), ("5 m\u00b2", "5", True), (r"5 m^2", "5", True), ("3 m/s", "3", True),
+        ("28 pct", r"28\%", True), ("28 percentage", r"28\%", True), ("28 per cent", r"28\%", True),
+        ("28 pct", "0.28", True),
+        ("\u20ac28", "29", False), ("28 pct", r"29\%", False), ("5 m\u00b2", "25", False), ("5x", "5", False),
+        ("5m", "5m^2", False), ("5", "5m^2", False), ("5m + 1", "5", False), ("28 pct", "2800", False),
+    ],
+    "tex details": [
+        (r"\frac1234", "17", True), (r"\frac12 34", "17", True), (r"\frac1234", r"\frac{12}{34}", False),
+        (r"\frac1234", "1234", False), (r"3\negmedspace 4", "34", True), (r"1\!000", "1000", True),
+        (r"3 \negthickspace x", "3x", True), (r"a\:+\:b", "a+b", True), (r"a\>+\>b", "a+b", True),
+        (r"3\negmedspace 4", "7", False), (r"a\:+\:b", "a-b", False), (r"\frac12 34", "6", False),
+    ],
+    "sums and products": [
+        (r"\sum_{k=0}^{n-1} (k+1)", r"\sum_{k=1}^{n} k", True), (r"\sum_{k=1}^{n} k", r"\frac{n(n+1)}{2}", True),
+        (r"\sum_{i=1}^{n} (2i - 1)", "n^2", True), (r"\sum_{j=1}^{n} j^2", r"\sum_{k=1}^{n} k^2", True),
+        (r"\sum_{k=1}^{n} (k^2 + k)", r"\sum_{k=1}^{n} k + \sum_{k=1}^{n} k^2", True),
+        (r"\sum_{k=0}^{n} \binom{n}{k}", "2^n", True), (r"\prod_{k=1}^{n} k", "n!", True),
+        (r"\prod_{k=0}^{n-1} (k+1)", r"\prod_{j=1}^{n} j", True), (r"\sum_{k=1}^{10} k", "55", True),
+        (r"\sum\limits_{k=1}^{100} \frac{1}{k(k+1)}", r"\frac{100}{101}", True),
+        (r"\sum_{k=1}^{n} k", r"\sum_{k=1}^{n-1} k", False), (r"\sum_{k=1}^{n} k", r"\frac{n(n-1)}{2}", False),
+        (r"\sum_{k=1}^{n} k^2", r"\sum_{k=1}^{n} k^3", False), (r"\prod_{k=1}^{n} k", "(n+1)!", False),
+        (r"\sum_{k=1}^{10} k", "56", False), (r"\sum_{k=1}^{\infty} \frac{1}{2^k}", "1", False),
+        (r"\sum_{k=1}^{n} k + 1", r"\sum_{k=1}^{n} (k + 1)", False),
+    ],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_families(family):
+    wrong = [(a, g, want) for a, g, want in FAMILIES[family] if verify.is_equivalent(a, g) is not want]
+    assert not wrong, wrong
+    assert {want for *_, want in FAMILIES[family]} == {True, False}
+
+
+def test_several_boxes_are_read_by_the_golds_shape():
+    """Boxes joined by connectives are one answer list when the gold has several items; against a gold of
+    one item every box must be that item."""
+    for gap in (r" \quad \text{and} \quad ", r"\text{, }", "; ", r" \qquad ", r", \quad y = "):
+        response = rf"The solutions are $\boxed{{-2}}{gap}\boxed{{1}}$."
+        assert verify.extract_answer(response) == "-2, 1", gap
+        assert verify.grade(response, "1, -2") and verify.grade(response, r"\{-2, 1\}")
+        assert not verify.grade(response, "1") and not verify.grade(response, "-2")  # a hedge
+        assert not verify.grade(response, "-2, 1, 3") and not verify.grade(response, "-2, 2")
+    same = r"$\boxed{x = 5}$ \quad \text{or} \quad $\boxed{5}$"
+    assert verify.grade(same, "5") and not verify.grade(same, "5, 5, 5") and not verify.grade(same, "6")
+    assert not verify.grade(r"$\boxed{x = 2}$ \quad \text{and} \quad $\boxed{y = 2}$", "2")  # two unknowns
+    assert verify.grade(r"\boxed{(1, 2)} \quad \text{and} \quad \boxed{(1,2)}", "(1, 2)")
+    assert verify.extract_answer(r"\boxed{1}. Then after more work we find \boxed{2}") == "2"  # prose: not a list
+
+
+@pytest.mark.parametrize("answer", [
+    r"\gcd(2^{19999}, 3^{12000})",
+    r"\operatorname{lcm}(" + ", ".join(f"{p}^{{2000}}" for p in (2, 3, 5, 7, 11, 13)) + ")",
+    r"10^{6000} \bmod 7", r"\max(" + ",".join(["10^{4000}"] * 300) + ")", r"\sum_{k=0}^{10^9} k",
+    r"\prod_{k=1}^{10^{9}} k", r"\sum_{k=1}^{n^{10}} k", r"\sum_{i=1}^{70}\sum_{j=1}^{70}\sum_{l=1}^{70} ijl",
+    r"\sum_{i=1}^{n}\sum_{j=1}^{n^2}\sum_{l=1}^{n^3} 1", r"\sum_{k=1}^{4000} \sum_{k=1}^{4000} k",
+    r"\prod_{k=1}^{4000} 10^{k}", r"\sum_{k=1}^{10} 9^{9^{9^{9}}}", r"\gcd(" * 300 + "1,2" + ")" * 300,
+])
+def test_new_constructs_stay_bounded(answer):
+    start = time.monotonic()
+    for gold in ("5", "n", r"\sum_{k=1}^{n} k"):
+        assert verify.is_equivalent(answer, gold) is False
+    assert verify.grade("\\boxed{" + answer + "}", "5") is False
+    assert time.monotonic() - start < 3.0
