@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
+import time
 from collections import deque
 from typing import Iterator, Sequence
 
@@ -220,8 +222,11 @@ class PagedKVCache:
     def decode_buffers(self, rows: int) -> None:
         """Fixed-address decode buffers for up to `rows` rows (in place): the page table padded to the whole
         pool's width (the block mask's kv_indices) and each row's physical-to-logical block map (-1: not the
-        row's; one extra column takes writes for table padding)."""
+        row's; one extra column takes writes for table padding). Allocated once: CUDA graphs captured on them
+        keep their addresses."""
         if rows > self.rows:
+            if self.rows:
+                raise RuntimeError("decode buffers are allocated once, at the largest batch")
             self.rows = rows
             self.page_table = torch.zeros(rows, self.n_blocks, dtype=torch.int32, device=self.device)
             self.last_page = torch.zeros(rows, self.n_blocks, dtype=torch.int32, device=self.device)
@@ -324,7 +329,8 @@ class Sampler:
     attention's mask; 32 on CPU). sync_every: decode steps between host synchronizations (finished sequences
     are only noticed, and replaced, at these points; on GPU this keeps the device busy). prefill_tokens: most
     prompt tokens prefilled together in one packed forward. cuda_graphs: capture the decode step (all layers,
-    the head and the draw) in CUDA graphs, one per batch-size bucket (default on GPU). in_place: decode
+    the head and the draw) in CUDA graphs, one per batch-size bucket, with the draw compiled (default on
+    GPU: its ~70 passes over (B, vocab) fuse into a few). in_place: decode
     attention reads the KV pool in place (default on GPU; on CPU it is exact too, but flex_attention runs
     uncompiled there and is slower than gathering).
     """
@@ -351,8 +357,11 @@ class Sampler:
         self.cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not (cuda and self.cache.in_place):
             raise ValueError("cuda_graphs needs a CUDA model and the in-place paged attention")
+        self._draw = _compiled_draw() if self.cuda_graphs else draw
+        if self.cache.in_place:  # at the largest bucket's size once: captured graphs keep their addresses
+            self.cache.decode_buffers(_bucket(max_slots, max_slots))
         self.preemptions = 0
-        self.generated = 0  # tokens decoded, for throughput figures
+        self.generated, self.decode_s = 0, 0.0  # tokens decoded and seconds spent decoding, for throughput
         self._graphs: dict = {}
 
     def _blocks_for(self, n_tokens: int) -> int:
@@ -489,7 +498,6 @@ class Sampler:
                                as_tensor(0))[0])
         return _Seq(prefix.prompt, sample, blocks, prefix.length, [first], admitted)
 
-    _draw = staticmethod(draw)  # the same draw for a first token and for a decoded one
 
     def _grow(self, active: list[_Seq], steps: int) -> bool:
         """Give every sequence blocks for `steps` more tokens; False (allocating nothing) if the pool is short."""
@@ -502,6 +510,13 @@ class Sampler:
 
     def _decode(self, active: list[_Seq], steps: int, params: SamplingParams) -> Tensor:
         """`steps` tokens for every active sequence: (steps, B) on the host."""
+        start = time.perf_counter()
+        try:
+            return self._decode_steps(active, steps, params)
+        finally:
+            self.decode_s += time.perf_counter() - start
+
+    def _decode_steps(self, active: list[_Seq], steps: int, params: SamplingParams) -> Tensor:
         B = len(active)
         self.cache.zero_fresh()
         rows = _bucket(B, self.max_slots) if self.cuda_graphs else B
@@ -509,7 +524,6 @@ class Sampler:
         state.fill([s.tokens[-1] for s in active], [s.length for s in active],
                    [self.keys[s.prompt] for s in active], [s.sample for s in active], [len(s.tokens) for s in active])
         if self.cache.in_place:
-            self.cache.decode_buffers(rows)
             self.cache.decode(self.cache.page_table[:rows])
             graph, static = self._graph(rows, params) if self.cuda_graphs else (None, state)
             self.cache.set_pages([s.blocks for s in active] + [[0]] * (rows - B))  # padding rows: scratch
@@ -558,6 +572,11 @@ class Sampler:
             self._graphs.setdefault("pool", graph.pool())
             self._graphs[key] = (graph, static)
         return self._graphs[key]
+
+
+@functools.cache
+def _compiled_draw():
+    return torch.compile(draw, dynamic=True)
 
 
 def _bucket(n: int, most: int) -> int:

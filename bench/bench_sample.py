@@ -13,11 +13,13 @@ measured copy bandwidth, as generated tokens/s.
 """
 
 import argparse
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
@@ -112,26 +114,143 @@ def setup(config, device, dtype, tmp: Path):
     return ours, hf
 
 
+def decode_rate_hf(hf, prompts, new: int, device, **sampling) -> float:
+    """transformers' decode tokens/s: generate(new + 1) minus generate(1) (prefill and first token), over the
+    B * new tokens decoded in between."""
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), pad_token_id=0, **sampling)
+    t_one = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device, 1)
+    sync(device)
+    t = time.perf_counter()
+    hf.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kw)
+    sync(device)
+    return len(prompts) * new / (time.perf_counter() - t - t_one)
+
+
+def decode_rate_ours(model, prompts, new: int, params_kw: dict, **sampler_kw) -> float:
+    """Our decode tokens/s: tokens decoded over the time spent decoding (prefill excluded, as for
+    transformers), after a warm-up run of the same batch size that compiles and captures what it needs."""
+    params = S.SamplingParams(new + 1, **params_kw)
+    sampler = S.Sampler(model, max_slots=len(prompts), **sampler_kw)
+    list(sampler.stream([p[:16] for p in prompts], S.SamplingParams(2 * sampler.sync_every + 1, **params_kw)))
+    sampler.generated, sampler.decode_s = 0, 0.0
+    list(sampler.stream(prompts, params))
+    return sampler.generated / sampler.decode_s
+
+
+class ImposedLengths(S.Sampler):
+    """Random weights never say stop: sequence i ends after targets[i] tokens, as a real trace would."""
+
+    def __init__(self, model, targets, **kw):
+        super().__init__(model, **kw)
+        self.targets = targets
+
+    def _done(self, seq, params):
+        return len(seq.tokens) >= self.targets[seq.prompt]
+
+
+def trace_lengths(rng, n: int, mean: float, cap: int) -> np.ndarray:
+    """Lengths of reasoning traces: lognormal (sigma 0.9) with the given mean before capping at `cap`
+    (with mean 5.5k, 0.75% reach the 32k cap)."""
+    sigma = 0.9
+    return np.minimum(rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, n), cap).astype(int) + 1
+
+
+def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw: dict) -> dict:
+    """Steady-state throughput on reasoning-trace lengths, and the projected wall time of the paper's protocol.
+
+    The slots start as they are mid-run: their sequences drawn length-biased (a long trace holds its slot
+    longer) and each already part-way through (the done part is its prompt, prefilled before timing); then
+    every finished sequence is replaced by a fresh one (150-token prompt, a new trace length). Timed over a
+    window of decoding; tokens/s counts the refills' prefills, the host's bookkeeping and the decode."""
+    mean, cap, slots, window = (40, 160, 8, 3.0) if tiny else (5500, 32768, 256, 30.0)
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    pool = trace_lengths(rng, 100_000, mean, cap)
+    first = rng.choice(pool, size=slots, p=pool / pool.sum())  # length-biased
+    done = (rng.uniform(size=slots) * first).astype(int)
+    fresh = trace_lengths(rng, 50 * slots, mean, cap)
+    targets = list(first - done) + list(fresh)
+    prompts = [rng.integers(10, V - 10, 150 + d).tolist() for d in done] + \
+        [rng.integers(10, V - 10, 150).tolist() for _ in fresh]
+    sampler = ImposedLengths(model, targets, max_slots=slots, **sampler_kw)
+    params = S.SamplingParams(cap + 1, temperature=0.6, top_p=0.95)
+    stream = sampler.stream(prompts, params)
+    t0 = time.perf_counter()
+    finished = 0
+    for _ in stream:  # the first yield comes after the slots are filled and decoding runs
+        if finished == 0:
+            t0, base_tokens, base_decode = time.perf_counter(), sampler.generated, sampler.decode_s
+        finished += 1
+        if sampler.decode_s - base_decode > window:
+            break
+    stream.close()
+    wall = time.perf_counter() - t0
+    tokens = sampler.generated - base_tokens
+    r = {"slots": slots, "window_s": wall, "tokens": tokens, "finished": finished,
+         "tok_s": tokens / wall, "decode_only_tok_s": tokens / (sampler.decode_s - base_decode),
+         "preemptions": sampler.preemptions}
+    protocol = 24_960 * float(np.mean(trace_lengths(np.random.default_rng(1), 1_000_000, mean, cap)))
+    r["protocol_tokens"] = protocol
+    r["projected_h_8_gpus"] = protocol / (8 * r["tok_s"]) / 3600
+    if batch1_step_s is not None:  # the last sequence of a rank may run alone: at most a full trace at batch 1
+        r["tail_bound_h"] = cap * batch1_step_s / 3600
+    print(f"  long tail ({slots} slots, lognormal mean {mean}, cap {cap}): {r['tok_s']:,.0f} tok/s over "
+          f"{wall:.0f}s; protocol ({protocol / 1e6:.0f}M tokens) on 8 GPUs: {r['projected_h_8_gpus']:.2f} h"
+          f" + tail bound {r.get('tail_bound_h', float('nan')):.2f} h", flush=True)
+    return r
+
+
 def device_cases(ours, hf, device, tiny: bool = False) -> dict:
-    """The GPU cases (bench/gpu.py's sampler section): batch 1 with a 1k-token prompt, batch 64 and 256 at
-    ~8k context. tiny: the same cases scaled down for a CPU smoke test."""
+    """The GPU cases (bench/gpu.py's sampler section), decode throughput at the evaluation's sampling settings
+    (temperature 0.6, top-p 0.95) against transformers' generate and the HBM roofline: batch 1 with a
+    1k-token prompt, batch 64 and 256 at ~8k context; then the long-tail workload. tiny: the same, scaled
+    down for a CPU smoke test."""
     g = torch.Generator().manual_seed(0)
     bw = bandwidth(device)
     V = ours.config.vocab_size
-    cases = ([(1, 64, 8), (4, 128, 8), (8, 128, 4)] if tiny
-             else [(1, 1000, 128), (64, 8000, 32), (256, 8000, 16)])  # (batch, prompt tokens, new tokens)
+    sampling = dict(temperature=0.6, top_p=0.95)
+    cases = ([(1, 64, 16), (8, 200, 16), (16, 200, 8)] if tiny
+             else [(1, 1000, 128), (64, 8000, 64), (256, 8000, 32)])  # (batch, prompt tokens, new tokens)
     r = {"copy_gb_s": bw / 1e9}
+    hf_rate, step1 = {}, None
+    mode = {"kv_gib": 0.05} if tiny else {}
     for B, prompt_len, new in cases:
         name = f"batch {B}, {prompt_len}-token prompts, {new} new tokens"
         prompts = torch.randint(10, V - 10, (B, prompt_len), generator=g).tolist()
         try:
-            r[name] = compare(name, ours, hf, prompts, new, device, bw, 1 if B > 1 else 2, hf_batch=min(B, 64),
-                              **({"kv_gib": 0.05} if tiny else {}))
+            hf_B = min(B, 64)  # transformers runs a batch of 256 x 8k as 4 batches of 64 (fits in memory)
+            if hf_B not in hf_rate:
+                hf_rate[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, do_sample=True, top_k=0, **sampling)
+            try:
+                ours_tps = decode_rate_ours(ours, prompts, new, sampling, **mode)
+            except Exception as e:  # on a first GPU run: record why, and measure without CUDA graphs
+                if "cuda_graphs" in mode or device.type != "cuda":
+                    raise
+                r.setdefault("cuda_graph_errors", []).append(f"{type(e).__name__}: {str(e)[:1500]}")
+                print(f"  {name}: CUDA graphs failed ({type(e).__name__}: {str(e)[:300]}); again without", flush=True)
+                mode["cuda_graphs"] = False
+                torch.cuda.empty_cache()
+                ours_tps = decode_rate_ours(ours, prompts, new, sampling, **mode)
+            roof = roofline(ours, B, prompt_len + new / 2, bw)
+            r[name] = {"cuda_graphs": mode.get("cuda_graphs", device.type == "cuda"),
+                       "transformers_tok_s": hf_rate[hf_B], "transformers_batch": hf_B, "ours_tok_s": ours_tps,
+                       "speedup": ours_tps / hf_rate[hf_B], "roofline_tok_s": roof, "of_roofline": ours_tps / roof}
+            if B == 1:
+                step1 = 1 / ours_tps
+            print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s | ours {ours_tps:,.0f} tok/s "
+                  f"({ours_tps / hf_rate[hf_B]:.2f}x) | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%)",
+                  flush=True)
         except Exception as e:  # an out-of-memory error at one size should not hide the others
             r[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  {name}: {r[name]['error']}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    try:
+        r["long tail"] = long_tail(ours, device, tiny, step1, mode)
+    except Exception as e:
+        r["long tail"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"  long tail: {r['long tail']['error']}", flush=True)
     return r
 
 
