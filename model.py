@@ -206,6 +206,17 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+def _flex_decode(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+@functools.cache
+def _compiled_flex_decode():
+    # Decoding (one query per row, over the sampler's KV pool) is compiled apart from the T x T uses: dynamo
+    # caches by code object, and sharing one with prefill shapes would make the query length dynamic.
+    return torch.compile(_flex_decode)
+
+
 @functools.cache
 def _compiled_create_block_mask():
     # Uncompiled, create_block_mask evaluates the mask on the full (B, T, T) grid; compiled, it works blockwise.
@@ -230,8 +241,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     """Scaled dot-product attention with grouped-query heads. q (B, H, T, hd), k/v (B, Hkv, S, hd); with a
     BlockMask, k/v may also be (1, Hkv, S, hd), shared by every row (the sampler's paged KV pool)."""
     if mask.block is not None:
-        fn = _compiled_flex_attention() if q.is_cuda else flex_attention
-        return fn(q, k, v, block_mask=mask.block, enable_gqa=True)
+        if not q.is_cuda:
+            return flex_attention(q, k, v, block_mask=mask.block, enable_gqa=True)
+        if q.shape[2] == 1:
+            return _compiled_flex_decode()(q, k, v, mask.block)
+        return _compiled_flex_attention()(q, k, v, block_mask=mask.block, enable_gqa=True)
     if mask.doc_index is not None:
         B, H, T, hd = q.shape
         docs = [x.transpose(0, 1).reshape(x.shape[1], B * T, hd)[:, mask.doc_index].transpose(0, 1)
