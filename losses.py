@@ -84,7 +84,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             if need_h:
                 grad_h[s:s + ctx.chunk] = dlogits @ weight  # (c, H)
             if need_w:
-                grad_w += (dlogits.T @ h).float()  # (V, H)
+                grad_w += dlogits.T @ h  # (V, H), added into fp32 without an fp32 copy of the product
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
 
 

@@ -207,20 +207,22 @@ def _compiled_flex_attention():
 
 
 def _flex_decode(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    """One query per row over a shared KV pool: q (B, H, 1, hd), k/v (1, Hkv, S, hd). Each KV head's group of
+    H/Hkv query heads is passed as that head's H/Hkv queries, so the kernel reads every KV block once per KV
+    head, not once per query head (flex_attention's own GQA support falls back to one block per query head
+    when H/Hkv is not a power of two, as Qwen2.5-1.5B's 12/2). The mask must not depend on the query index."""
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    y = flex_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, block_mask=block_mask)  # (B, Hkv, H/Hkv, hd)
+    return y.reshape(B, H, 1, hd)
 
 
 @functools.cache
 def _compiled_flex_decode():
-    # Decoding (one query per row, over the sampler's KV pool) is compiled apart from the T x T uses: dynamo
-    # caches by code object, and sharing one with prefill shapes would make the query length dynamic.
-    return torch.compile(_flex_decode)
-
-
-@functools.cache
-def _compiled_create_block_mask():
-    # Uncompiled, create_block_mask evaluates the mask on the full (B, T, T) grid; compiled, it works blockwise.
-    return torch.compile(create_block_mask)
+    # Compiled apart from the T x T uses (dynamo caches by code object: sharing one with prefill shapes would
+    # make the query length dynamic), with static shapes: inductor uses its split-KV decoding kernel only for a
+    # static batch, so each batch bucket of the sampler compiles once.
+    return torch.compile(_flex_decode, dynamic=False)
 
 
 # SDPA backends allowed on CUDA. cuDNN, which torch 2.11 picks first on Hopper, builds a graph for every new
@@ -241,11 +243,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     """Scaled dot-product attention with grouped-query heads. q (B, H, T, hd), k/v (B, Hkv, S, hd); with a
     BlockMask, k/v may also be (1, Hkv, S, hd), shared by every row (the sampler's paged KV pool)."""
     if mask.block is not None:
-        if not q.is_cuda:
-            return flex_attention(q, k, v, block_mask=mask.block, enable_gqa=True)
-        if q.shape[2] == 1:
-            return _compiled_flex_decode()(q, k, v, mask.block)
-        return _compiled_flex_attention()(q, k, v, block_mask=mask.block, enable_gqa=True)
+        if q.shape[2] == 1 and k.shape[0] == 1:  # the sampler's paged decoding
+            return (_compiled_flex_decode() if q.is_cuda else _flex_decode)(q, k, v, mask.block)
+        fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return fn(q, k, v, block_mask=mask.block, enable_gqa=True)
     if mask.doc_index is not None:
         B, H, T, hd = q.shape
         docs = [x.transpose(0, 1).reshape(x.shape[1], B * T, hd)[:, mask.doc_index].transpose(0, 1)

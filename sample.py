@@ -166,6 +166,7 @@ class PagedKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.n_blocks = n_blocks
+        self.group = config.num_attention_heads // config.num_key_value_heads  # queries per KV head in decoding
         self.in_place = self.device.type == "cuda" if in_place is None else in_place
         self.free = list(range(n_blocks - 1, 0, -1))
         self.refs = [0] * n_blocks
@@ -263,7 +264,8 @@ class PagedKVCache:
 
     def _block_mask(self, lengths: Tensor) -> BlockMask:
         """Row b attends to its lengths[b] cached positions: its full blocks (no mask evaluated there) and its
-        partial last block, where the mask keeps the positions below its length."""
+        partial last block, where the mask keeps the positions below its length. The queries of a row are the
+        query heads of one KV head (model._flex_decode), so the mask ignores the query index."""
         B, bs = lengths.shape[0], self.block_size
         full = (lengths // bs).int()  # (B,)
         partial = (lengths % bs != 0).int()  # (B,) 0 or 1
@@ -275,7 +277,7 @@ class PagedKVCache:
             return (page >= 0) & (page * bs + kv_idx % bs < lens[b])
         return BlockMask.from_kv_blocks(partial[:, None, None], self.last_page[:B, None, None],
                                         full[:, None, None], self.page_table[:B, None, None], BLOCK_SIZE=bs,
-                                        mask_mod=mask_mod, seq_lengths=(1, self.n_blocks * bs),
+                                        mask_mod=mask_mod, seq_lengths=(self.group, self.n_blocks * bs),
                                         compute_q_blocks=False)
 
     def advance(self, position_ids: Tensor) -> None:

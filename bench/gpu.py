@@ -304,6 +304,14 @@ def section_train(ctx: Ctx) -> dict:
         except BaseException as e:  # SystemExit from train.py included: record it, go on
             r[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         print(f"    {name}: {json.dumps(r[name])[:400]}", flush=True)
+    # The paper's recipe on 8 GPUs at these rates, if its traces have these synthetic lengths (mean document
+    # ~5.6k tokens) and throughput scales linearly with GPUs (FSDP2's communication is not measured here).
+    for suffix in ("", "-compile"):
+        sft, redi = r.get("sft" + suffix, {}), r.get("redi" + suffix, {})
+        if "tokens_per_s" in sft and "tokens_per_s" in redi:
+            hours_sft = 77_629 * 5 * float(sft_len.sum(1).mean()) / (8 * sft["tokens_per_s"]) / 3600
+            hours_redi = 53_175 * float(pref_len.sum(1).mean() + pref_len[:, 0].mean()) / (8 * redi["tokens_per_s"]) / 3600
+            r["recipe_projection" + suffix] = {"sft_5_epochs_h": hours_sft, "redi_1_epoch_h": hours_redi}
     try:
         r["head"] = head_costs(ctx)
     except Exception as e:

@@ -1,0 +1,63 @@
+"""What of the GPU code paths can run on a CPU: the compiled flex_attention document mask, FSDP2's mixed
+precision keeping RoPE in fp32, and the one prepared device check (bench/gpu.py) on a tiny config."""
+
+import json
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+import model as M
+import train as T
+from conftest import ROOT
+
+
+def test_compiled_flex_document_mask_matches_the_dense_reference():
+    """Packed documents of ragged lengths (none a multiple of 128, one shorter than a block) through the
+    compiled flex_attention and the BlockMask that training builds on GPU, against the CPU path (documents
+    gathered into one causal SDPA), itself checked against transformers in test_model.py."""
+    torch.manual_seed(0)
+    lengths = [5, 200, 131, 77, 300]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, 713)
+    T_ = pos.shape[1]
+    q, k, v = torch.randn(1, 4, T_, 16), torch.randn(1, 2, T_, 16), torch.randn(1, 2, T_, 16)
+    flex = M.build_mask(pos, None, use_flex=True)
+    assert flex.block is not None
+    got = M._compiled_flex_attention()(q, k, v, block_mask=flex.block, enable_gqa=True)
+    want = M.attend(q, k, v, M.build_mask(pos, None, use_flex=False))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_stays_fp32_under_fsdp2_mixed_precision():
+    """FSDP2 with bf16 parameters must not cast the fp32 RoPE cos/sin that each block receives (sampling
+    computes RoPE in fp32 too), while the hidden states run in bf16."""
+    config = M.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    model = M.build_model(config, seed=0)
+    T.setup_distributed()
+    try:
+        T.parallelize(model, torch.device("cpu"), ac=False, compile=False, bf16=True)
+        seen = []
+        model.model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append((args[0].dtype, args[1].dtype)))
+        model(torch.randint(0, 64, (1, 12)), position_ids=torch.arange(12)[None], return_hidden=True)
+    finally:
+        dist.destroy_process_group()
+    assert seen == [(torch.bfloat16, torch.float32)]
+
+
+def test_the_device_check_runs_every_section_on_cpu(tmp_path):
+    """bench/gpu.py --tiny: every section on a tiny config, so the script a GPU session runs first cannot rot."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--out", str(out),
+                           "--tmp", str(tmp_path / "scratch")], capture_output=True, text=True, timeout=900)
+    report = json.loads(out.read_text())["sections"]
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert set(report) == {"env", "parity", "train", "attention", "profile", "sample"}
+    assert all("error" not in r for r in report.values())
+    assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
+    runs = [r for name, r in report["train"].items() if name not in ("head", "section_s")]
+    assert len(runs) == 6 and all("error" not in r and r["tokens_per_s"] > 0 for r in runs)
+    sample = report["sample"]
+    assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
+    assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
