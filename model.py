@@ -206,6 +206,12 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+@functools.cache
+def _compiled_create_block_mask():
+    # Uncompiled, create_block_mask evaluates the mask on the full (B, T, T) grid; compiled, it works blockwise.
+    return torch.compile(create_block_mask)
+
+
 def _flex_decode(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
     """One query per row over a shared KV pool: q (B, H, 1, hd), k/v (1, Hkv, S, hd). Each KV head's group of
     H/Hkv query heads is passed as that head's H/Hkv queries, so the kernel reads every KV block once per KV

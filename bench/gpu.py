@@ -274,7 +274,6 @@ def head_costs(ctx: Ctx) -> dict:
             # matmul FLOPs: forward logits, backward recompute, grad_h, grad_w
             r[f"{n} tokens, chunk {chunk}"] = {"s": s, "peak_extra_gib": peak,
                                                "tflops": 8 * n * c.vocab_size * c.hidden_size / s / 1e12}
-            del h, w, t
     return r
 
 
