@@ -1,6 +1,7 @@
-"""OpenR1-Math-Raw -> the paper's D_SFT and D_Pref, the Qwen2.5 chat template, tokenization, packing.
+"""OpenR1-Math-Raw (or your own traces) -> the paper's D_SFT and D_Pref, chat templates, tokenization, packing.
 
     python data.py prepare --raw <dir or parquet files> --model <checkpoint dir> --out <dir>
+    python data.py prepare --format traces --raw <dir or JSONL/parquet files> --model <dir> --out <dir>
     python data.py toy --out <dir>
 
 `prepare` applies the paper's selection (arXiv 2505.24850, Section 3.1 and Appendix C.2, following the
@@ -11,6 +12,10 @@ authors' preprocessing scripts) and writes, in the seed-42 shuffled order:
     {sft,pref}.tokens.bin  uint32 token ids, example after example (prompt | response(s)), memory-mapped
     {sft,pref}.index.npy   int64 (n, 3) [start, prompt_len, response_len] / (n, 4) [.., chosen_len, rejected_len]
     manifest.json          input and tokenizer fingerprints, parameters, the count removed by every rule
+
+`--format traces` reads rows {problem, generations: [str], correct: [bool]} and `--format pairs` rows
+{problem, chosen, rejected} or {problem, response} (SFT only), from JSONL or parquet, by the same rules.
+Prompts and responses are written in the chat template of the model's family: Qwen2.5's or Llama-3's.
 
 `toy` writes a small synthetic corpus in the raw schema, a held-out test split in the benchmark schema, a
 byte-level BPE tokenizer with Qwen's special tokens and a tiny Qwen2 config, for the demo and the tests.
@@ -25,9 +30,12 @@ import json
 import math
 import os
 import shutil
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,17 +50,40 @@ import model as model_lib
 FORMAT_VERSION = 1
 
 # -----------------------------------------------------------------------------
-# The chat template
+# Chat templates: the checkpoint's family (config.json's model_type) decides which
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+BEGIN_OF_TEXT, START_HEADER, END_HEADER = "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"
+EOT, END_OF_TEXT = "<|eot_id|>", "<|end_of_text|>"
+# Per family: the special tokens its template writes, the token that ends a turn (the last token of every
+# training response, a stop token) and the end-of-text token (padding, the other stop token).
+CHAT_TOKENS = {"qwen2": ((IM_START, IM_END, ENDOFTEXT), IM_END, ENDOFTEXT),
+               "llama": ((BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT, END_OF_TEXT), EOT, END_OF_TEXT)}
 
 
-def chat_template(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """Qwen2.5(-Math)'s Jinja chat template for system/user/assistant turns, in plain Python, byte-identical.
+def chat_family(model_type: str) -> str:
+    """The chat template family of a checkpoint's model_type; a model without one of ours is refused rather than
+    given another family's template."""
+    if model_type not in CHAT_TOKENS:
+        raise DataError(f"no chat template for model_type {model_type!r}: data.py writes those of "
+                        f"{sorted(CHAT_TOKENS)} (Qwen2.5 and Llama-3)")
+    return model_type
 
-    A conversation that does not open with a system turn gets the default system prompt.
+
+def chat_template(messages: list[dict[str, str]], add_generation_prompt: bool = False, family: str = "qwen2") -> str:
+    """The family's Jinja chat template for system/user/assistant turns, in plain Python, byte-identical.
+
+    qwen2: Qwen2.5(-Math)'s; a conversation that does not open with a system turn gets the default system prompt.
+    llama: Llama-3's header format; no default system turn, and each content is stripped (the template's `trim`).
     """
+    for message in messages:
+        if message["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"unsupported chat role {message['role']!r} (system, user and assistant only)")
+    if chat_family(family) == "llama":
+        turns = [f"{START_HEADER}{m['role']}{END_HEADER}\n\n{m['content'].strip()}{EOT}" for m in messages]
+        header = f"{START_HEADER}assistant{END_HEADER}\n\n" if add_generation_prompt else ""
+        return BEGIN_OF_TEXT + "".join(turns) + header
     parts = []
     if messages and messages[0]["role"] == "system":
         parts.append(f"{IM_START}system\n{messages[0]['content']}{IM_END}\n")
@@ -60,28 +91,28 @@ def chat_template(messages: list[dict[str, str]], add_generation_prompt: bool = 
     else:
         parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n")
     for message in messages:
-        if message["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"unsupported chat role {message['role']!r} (system, user and assistant only)")
         parts.append(f"{IM_START}{message['role']}\n{message['content']}{IM_END}\n")
     if add_generation_prompt:
         parts.append(f"{IM_START}assistant\n")
     return "".join(parts)
 
 
-def prompt_text(problem: str) -> str:
-    """The training prompt: default system turn, the problem as the user turn, the assistant header."""
-    return chat_template([{"role": "user", "content": problem}], add_generation_prompt=True)
+def prompt_text(problem: str, family: str = "qwen2") -> str:
+    """The training prompt: the problem as the user turn (after Qwen's default system turn), the assistant header."""
+    return chat_template([{"role": "user", "content": problem}], add_generation_prompt=True, family=family)
 
 
-def eval_prompt_text(user_content: str, style: str = "paper") -> str:
+def eval_prompt_text(user_content: str, style: str = "paper", family: str = "qwen2") -> str:
     """The evaluation prompt with thinking forced. style "paper": the authors' evaluation template, whose
     generation prompt is `<|im_start|>assistant<think>\\n` (no newline between "assistant" and "<think>");
     "train": `<|im_start|>assistant\\n<think>\\n`, the way training traces begin. Large models do not mind
-    the difference; a tiny one trained on a few thousand traces does (the toy demo uses "train")."""
+    the difference; a tiny one trained on a few thousand traces does (the toy demo uses "train"). The quirk is
+    Qwen's: for Llama-3 both styles are the training prompt followed by `<think>\\n`."""
     if style not in ("paper", "train"):
         raise ValueError(f"style must be 'paper' or 'train', got {style!r}")
-    start = f"{IM_START}assistant<think>\n" if style == "paper" else f"{IM_START}assistant\n<think>\n"
-    return chat_template([{"role": "user", "content": user_content}]) + start
+    if chat_family(family) == "llama" or style == "train":
+        return prompt_text(user_content, family) + "<think>\n"
+    return chat_template([{"role": "user", "content": user_content}]) + f"{IM_START}assistant<think>\n"
 
 
 # -----------------------------------------------------------------------------
@@ -92,9 +123,9 @@ class DataError(ValueError):
     """Unusable input data: a raw file, a prepared directory or a tokenizer, named in the message."""
 
 
-def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
-    """The tokenizer.json of a checkpoint directory, checked for the chat template's special tokens and
-    (given the model's vocab_size) that every id it can produce has an embedding row."""
+def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None, family: str = "qwen2") -> Tokenizer:
+    """The tokenizer.json of a checkpoint directory, checked for the special tokens of the family's chat template
+    and (given the model's vocab_size) that every id it can produce has an embedding row."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"{path}: not found (the checkpoint directory must hold the model's tokenizer.json)")
@@ -102,13 +133,18 @@ def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) 
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise DataError(f"{path}: not a valid tokenizers file ({e})") from None
-    for special in (IM_START, IM_END, ENDOFTEXT):
+    for special in CHAT_TOKENS[chat_family(family)][0]:
         if tok.token_to_id(special) is None:
-            raise DataError(f"{path}: has no {special} token, so it cannot encode the Qwen chat template")
+            raise DataError(f"{path}: has no {special} token, so it cannot encode the {family} chat template")
     if vocab_size is not None and tok.get_vocab_size() > vocab_size:
         raise DataError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the model's embedding "
                         f"has {vocab_size} rows: tokenizer and model do not match")
     return tok
+
+
+def stop_ids(tok: Tokenizer, family: str) -> list[int]:
+    """Where sampling stops: the end of the assistant's turn, or the end of text."""
+    return [tok.token_to_id(t) for t in CHAT_TOKENS[chat_family(family)][1:]]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -120,28 +156,33 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 class ChatEncoder:
-    """Token ids of prompts and responses in the chat format.
+    """Token ids of prompts and responses in the chat format of a family (see chat_template).
 
     Prompt and response are encoded separately, as at inference time, where the model continues the
-    tokenized prompt; the response ends with <|im_end|>, which is part of the loss.
+    tokenized prompt; the response ends with the end-of-turn token (<|im_end|>, Llama's <|eot_id|>), which is
+    part of the loss.
     """
 
-    def __init__(self, tok: Tokenizer) -> None:
-        self.tok = tok
-        self.im_end = tok.token_to_id(IM_END)
-        self.eos = tok.token_to_id(ENDOFTEXT)
+    def __init__(self, tok: Tokenizer, family: str = "qwen2") -> None:
+        self.tok, self.family = tok, chat_family(family)
+        _, end_turn, end_text = CHAT_TOKENS[family]
+        self.im_end = tok.token_to_id(end_turn)
+        self.eos = tok.token_to_id(end_text)
         # Token counts of fixed template pieces, for the authors' length rules (see authors_lengths).
         n = lambda s: len(tok.encode(s, add_special_tokens=False).ids)  # noqa: E731
-        self._header = n(f"{IM_START}assistant\n")
-        self._system_block = n(f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n")
-        self._turn_end = n(f"{IM_END}\n")
+        if family == "llama":
+            self._header = n(f"{START_HEADER}assistant{END_HEADER}\n\n")
+        else:
+            self._header = n(f"{IM_START}assistant\n")
+            self._system_block = n(f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n")
+            self._turn_end = n(f"{IM_END}\n")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Batch encoding, parallel over the available cores (tokenizers' own thread pool)."""
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def prompts(self, problems: list[str]) -> list[list[int]]:
-        return self.encode([prompt_text(p) for p in problems])
+        return self.encode([prompt_text(p, self.family) for p in problems])
 
     def responses(self, texts: list[str]) -> list[list[int]]:
         return [ids + [self.im_end] for ids in self.encode(texts)]
@@ -150,8 +191,12 @@ class ChatEncoder:
         """(prompt, response) lengths as the authors counted them for the 800 / 19,000-token rules: the chat
         template applied to [user] and to [assistant] alone (which brings in the default system turn),
         tokenized, plus one each. Our encodings give the same counts by arithmetic, except when the response
-        starts with whitespace: then "assistant\\n" and the response merge into one pre-token, so re-encode."""
+        starts with whitespace: then "assistant\\n" and the response merge into one pre-token, so re-encode.
+        Llama-3's template has no default system turn but opens with <|begin_of_text|> and strips the content."""
         prompt_len = len(prompt_ids) - self._header + 1
+        if self.family == "llama":  # <|begin_of_text|>, the header, the stripped response, <|eot_id|>; plus one
+            body = len(response_ids) - 1 if response == response.strip() else len(self.encode([response.strip()])[0])
+            return prompt_len, 1 + self._header + body + 1 + 1
         if response[:1].isspace():
             body = len(self.tok.encode(f"{IM_START}assistant\n{response}", add_special_tokens=False).ids)
         else:
@@ -178,15 +223,15 @@ def _bool_or_null(t: pa.DataType) -> bool:
     return pa.types.is_boolean(t) or pa.types.is_null(t)
 
 
-def raw_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """Parquet files from files and directories; a directory contributes its *.parquet files in sorted path
-    order (the order Hugging Face `datasets` numbers rows in, which the seed-42 shuffle depends on)."""
+def raw_files(paths: list[str | os.PathLike], suffixes: tuple[str, ...] = (".parquet",)) -> list[Path]:
+    """Parquet (or other `suffixes`) files from files and directories; a directory contributes its files in
+    sorted path order (the order Hugging Face `datasets` numbers rows in, which the seed-42 shuffle depends on)."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(p.rglob("*.parquet"))
+            found = sorted(f for f in p.rglob("*") if f.suffix in suffixes and f.is_file())
             if not found:
-                raise DataError(f"{p}: no .parquet files in this directory")
+                raise DataError(f"{p}: no {' or '.join(suffixes)} files in this directory")
             files += found
         elif p.is_file():
             files.append(p)
@@ -249,6 +294,92 @@ def _bools(values: pa.Array) -> np.ndarray:
     if pa.types.is_null(values.type):
         return np.zeros(len(values), dtype=bool)
     return pc.fill_null(values, False).to_numpy(zero_copy_only=False)
+
+
+# -----------------------------------------------------------------------------
+# Reading other teachers' traces: --format traces and --format pairs
+#
+# Each row is brought into OpenR1's flat layout, so the paper's rules and counts apply unchanged: the problem is
+# valid, the row's labels stand for both verifiers' (traces: `correct`; pairs: [chosen, rejected] labelled
+# [true, false], a {problem, response} row is [response] labelled [true]). A missing field is an error naming
+# the file and row; a null one is counted by the rule it fails, as a null is in OpenR1.
+
+RAW_FORMATS = ("openr1", "traces", "pairs")
+_FLAT = pa.schema([("problem", pa.large_string()), ("problem_is_valid", pa.string()), ("source", pa.string()),
+                   ("generations", pa.list_(pa.large_string())), ("correctness_llama", pa.list_(pa.bool_())),
+                   ("correctness_math_verify", pa.list_(pa.bool_()))])
+
+
+def _as_flat_row(row: dict, fmt: str, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+
+    def field(key: str, ok, expected: str, required: bool = True):
+        if key not in row:
+            if required:
+                raise DataError(f"{where}: missing field '{key}' (--format {fmt})")
+            return None
+        if row[key] is not None and not ok(row[key]):
+            raise DataError(f"{where}: field '{key}' must be {expected}, got {row[key]!r:.60}")
+        return row[key]
+
+    is_str = lambda v: isinstance(v, str)  # noqa: E731
+    problem = field("problem", is_str, "a string")
+    source = field("source", is_str, "a string", required=False)
+    if fmt == "traces":
+        gens = field("generations", lambda v: isinstance(v, list) and all(map(is_str, v)), "a list of strings")
+        correct = field("correct", lambda v: isinstance(v, list) and all(c is None or isinstance(c, bool) for c in v),
+                        "a list of booleans")
+    else:
+        if ("chosen" in row) == ("response" in row):
+            raise DataError(f"{where}: a pairs row has 'chosen' (and 'rejected') or 'response', exactly one of them")
+        chosen = field("chosen" if "chosen" in row else "response", is_str, "a string")
+        rejected = field("rejected", is_str, "a string", required="chosen" in row)
+        gens = [t for t in (chosen, rejected) if t is not None]
+        correct = [True] * (chosen is not None) + [False] * (rejected is not None)
+    return {"problem": problem, "problem_is_valid": "yes", "source": source, "generations": gens,
+            "correctness_llama": correct, "correctness_math_verify": correct}
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line, read as it streams."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield line_no, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from None
+
+
+def count_rows(path: Path) -> int:
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _raw_bytes(path: Path) -> int:
+    """The size of a raw file's data, from which prepare sizes its reorder buckets."""
+    if path.suffix == ".jsonl":
+        return path.stat().st_size
+    meta = pq.ParquetFile(path).metadata
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
+def flat_batches(path: Path, fmt: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows of a traces or pairs file (JSONL or parquet), `batch_rows` at a time, in OpenR1's flat layout."""
+    if path.suffix == ".jsonl":
+        rows = ((f"{path}:{n}", row) for n, row in _jsonl_rows(path))
+    else:
+        reader = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        rows = ((f"{path}: row {i}", row) for i, row in
+                enumerate(r for b in reader.iter_batches(batch_size=batch_rows) for r in b.to_pylist()))
+    while chunk := list(itertools.islice(rows, batch_rows)):
+        yield pa.RecordBatch.from_pylist([_as_flat_row(row, fmt, where) for where, row in chunk], schema=_FLAT)
 
 
 # -----------------------------------------------------------------------------
@@ -354,13 +485,18 @@ class PrepareConfig:
     batch_rows: int = 256  # raw rows per read
     bucket_bytes: int = 256 << 20  # target text per reorder bucket
     tokenize_rows: int = 1024  # examples per encode_batch call
+    format: str = "openr1"  # the raw schema, one of RAW_FORMATS
 
 
 def inputs_fingerprint(files: list[Path]) -> str:
     """Identifies the raw inputs from each file's name, size and parquet footer (its schema, row groups and
-    column statistics), so a changed file is detected without hashing gigabytes."""
+    column statistics), so a changed file is detected without hashing gigabytes. A JSONL file has no footer
+    and is hashed whole."""
     h = hashlib.sha256()
     for f in files:
+        if f.suffix == ".jsonl":
+            h.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+            continue
         size = f.stat().st_size
         with open(f, "rb") as fh:
             fh.seek(max(0, size - (1 << 16)))
@@ -402,20 +538,27 @@ class _Outputs:
 
 def prepare(raw: list[str | os.PathLike], model_dir: str | os.PathLike, out: str | os.PathLike,
             cfg: PrepareConfig | None = None, log=print) -> Counts:
-    """Curate D_SFT and D_Pref from raw OpenR1-Math parquet files and tokenize them (see the module doc).
+    """Curate D_SFT and D_Pref from raw OpenR1-Math parquet files, or other teachers' traces or pairs
+    (cfg.format), and tokenize them (see the module doc).
 
     Re-running with the same inputs, tokenizer and parameters reuses the outputs.
     """
     cfg = cfg or PrepareConfig()
     out = Path(out)
     model_lib.check_replaceable(out, "manifest.json")
-    files = raw_files(raw)
-    layouts = [raw_layout(f) for f in files]
+    if cfg.format not in RAW_FORMATS:
+        raise DataError(f"format must be one of {RAW_FORMATS}, got {cfg.format!r}")
+    openr1 = cfg.format == "openr1"
+    files = raw_files(raw, (".parquet",) if openr1 else (".parquet", ".jsonl"))
+    layouts = [raw_layout(f) if openr1 else ("flat", None) for f in files]
     config = model_lib.Qwen2Config.from_pretrained(model_dir)
-    tok = load_tokenizer(model_dir, config.vocab_size)
+    family = chat_family(config.model_type)
+    tok = load_tokenizer(model_dir, config.vocab_size, family)
     manifest = {"format": FORMAT_VERSION, "inputs": inputs_fingerprint(files),
                 "tokenizer": file_sha256(Path(model_dir) / "tokenizer.json"),
                 "params": {k: getattr(cfg, k) for k in ("seed", "max_prompt_tokens", "max_response_tokens")}}
+    if not openr1:
+        manifest["params"]["format"] = cfg.format
     if (out / "manifest.json").is_file():
         old = json.loads((out / "manifest.json").read_text())
         if all(old.get(k) == v for k, v in manifest.items()):
@@ -425,12 +568,11 @@ def prepare(raw: list[str | os.PathLike], model_dir: str | os.PathLike, out: str
             return counts
         log(f"{out}: inputs, tokenizer or parameters changed; rebuilding")
 
-    enc = ChatEncoder(tok)
-    metas = [pq.ParquetFile(f).metadata for f in files]
-    n_rows = sum(m.num_rows for m in metas)
+    enc = ChatEncoder(tok, family)
+    n_rows = sum(count_rows(f) for f in files)
     if n_rows == 0:
         raise DataError(f"{', '.join(map(str, files))}: no rows")
-    raw_bytes = sum(m.row_group(i).total_byte_size for m in metas for i in range(m.num_row_groups))
+    raw_bytes = sum(map(_raw_bytes, files))
     n_buckets = max(1, min(1024, math.ceil(raw_bytes / cfg.bucket_bytes)))
     _allow_open_files(n_buckets + 64)  # every bucket writer stays open during pass 1
     ranks = shuffle_ranks(n_rows, cfg.seed)
@@ -449,8 +591,9 @@ def prepare(raw: list[str | os.PathLike], model_dir: str | os.PathLike, out: str
         offset = 0
         for f, (layout, columns) in zip(files, layouts):
             # pre_buffer=False: the default read cache keeps every column chunk read so far, growing with the file
-            reader = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
-            for batch in reader.iter_batches(batch_size=cfg.batch_rows, columns=columns):
+            batches = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False).iter_batches(
+                batch_size=cfg.batch_rows, columns=columns) if openr1 else flat_batches(f, cfg.format, cfg.batch_rows)
+            for batch in batches:
                 problems, sources = batch.column("problem"), batch.column("source")
                 gens = batch.column("generations")
                 for r, ci, ri in select_batch(batch, layout, counts):
@@ -484,7 +627,8 @@ def prepare(raw: list[str | os.PathLike], model_dir: str | os.PathLike, out: str
         shutil.rmtree(tmp / "buckets")
         counts.pref = len(pref.index)
         manifest |= {"counts": dataclasses.asdict(counts), "n_tokens": {"sft": sft.n_tokens, "pref": pref.n_tokens},
-                     "im_end_id": enc.im_end, "eos_id": enc.eos, "vocab_size": config.vocab_size}
+                     "im_end_id": enc.im_end, "eos_id": enc.eos, "vocab_size": config.vocab_size,
+                     "chat_family": family}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         model_lib.replace_dir(tmp, out)
     except BaseException:
@@ -895,7 +1039,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="curate and tokenize D_SFT and D_Pref from OpenR1-Math-Raw")
-    prep.add_argument("--raw", nargs="+", required=True, help="raw parquet files or directories of them")
+    prep.add_argument("--raw", nargs="+", required=True,
+                      help="raw files or directories of them (parquet; traces and pairs also JSONL)")
+    prep.add_argument("--format", choices=RAW_FORMATS, default="openr1",
+                      help="openr1: OpenR1-Math-Raw; traces: {problem, generations, correct}; pairs: "
+                           "{problem, chosen, rejected} or {problem, response}")
     prep.add_argument("--model", required=True, help="checkpoint directory (config.json, tokenizer.json)")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--seed", type=int, default=42, help="the shuffle of the raw rows (paper: 42)")
@@ -911,7 +1059,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "prepare":
             prepare(args.raw, args.model, args.out, PrepareConfig(seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
-                                                                  max_response_tokens=args.max_response_tokens))
+                                                                  max_response_tokens=args.max_response_tokens,
+                                                                  format=args.format))
         else:
             toy_corpus(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
             print(f"wrote the toy corpus to {args.out}: raw/, test.jsonl, model/")

@@ -201,7 +201,8 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
         benches = [load_benchmark(spec.strip()) for spec in args.benchmarks.split(",") if spec.strip()]
         model = model_lib.load_pretrained(args.model, device=device,
                                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size)
+        family = data_lib.chat_family(model.config.model_type)  # the checkpoint's own chat template
+        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size, family)
     except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     if rank == 0:
@@ -224,10 +225,10 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
     log(f"{len(problems)} problems, {len(problems) - len(todo)} already done, {len(todo)} to sample "
         f"({args.samples} samples each, up to {args.max_new_tokens} new tokens) on {world} rank(s)")
 
-    stops = (tok.token_to_id(data_lib.IM_END), tok.token_to_id(data_lib.ENDOFTEXT))
+    stops = tuple(data_lib.stop_ids(tok, family))
     params = sample_lib.SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, stops, args.seed)
     prompts = [tok.encode(data_lib.eval_prompt_text(args.prompt.replace("{problem}", row["problem"]),
-                                                    args.think_prompt), add_special_tokens=False).ids
+                                                    args.think_prompt, family), add_special_tokens=False).ids
                for _, row in mine]
     keys = [problem_key(name, row["id"]) for name, row in mine]
     pending: dict[int, list] = defaultdict(list)

@@ -1,4 +1,5 @@
-"""A hand-written Qwen2 decoder that reads and writes Hugging Face checkpoints unchanged.
+"""A hand-written Qwen2 decoder that reads and writes Hugging Face checkpoints unchanged, and with it the
+Llama-3 and Qwen3 families, which differ from Qwen2 only in a few config fields (see `FAMILIES`).
 
 Module and parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
 safetensors keys load with no rename table and our saved checkpoints load in `transformers`, vLLM and
@@ -8,7 +9,7 @@ lighteval. One forward serves three uses:
     hidden = model(input_ids, position_ids=pos, return_hidden=True)  # packed rows, for chunked losses
     logits = model(next_ids, cache=cache)                      # incremental decoding from a KV cache
 
-Public API: `Qwen2Config`, `Qwen2ForCausalLM`, `build_model`, `load_pretrained`, `save_pretrained`,
+Public API: `Qwen2Config` (any of `FAMILIES`), `Qwen2ForCausalLM`, `build_model`, `load_pretrained`, `save_pretrained`,
 `save_state_dict`, `KVCache`.
 """
 
@@ -18,6 +19,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -40,8 +42,16 @@ _MANAGED_KEYS = {
     "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
     "rope_parameters", "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "torch_dtype",
     "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "hidden_act",
-    "attention_dropout", "use_sliding_window", "layer_types", "transformers_version",
+    "attention_dropout", "use_sliding_window", "layer_types", "transformers_version", "attention_bias", "mlp_bias",
 }
+# The model_types computed exactly: (the architecture they are saved as, whether their q/k/v projections carry
+# biases, whether each head's q and k are RMS-normalized before RoPE). Qwen2 always has the biases; Llama and Qwen3
+# read `attention_bias` from config.json (default false), and for them it biases o_proj too.
+FAMILIES = {"qwen2": ("Qwen2ForCausalLM", True, False),
+            "llama": ("LlamaForCausalLM", False, False),
+            "qwen3": ("Qwen3ForCausalLM", False, True)}
+# Llama 3.1's RoPE frequency scaling (rope_type "llama3"): the keys of its parameters.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -73,9 +83,27 @@ class Qwen2Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+    model_type: str = "qwen2"  # a key of FAMILIES
+    attention_bias: bool | None = None  # None: the family's default
+    rope_scaling: dict[str, float] | None = None  # llama3 RoPE scaling (LLAMA3_ROPE_KEYS), None: plain RoPE
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # unmanaged keys, preserved on save
 
     def __post_init__(self) -> None:
+        if self.model_type not in FAMILIES:
+            raise ConfigError(f"model_type must be one of {sorted(FAMILIES)}, got {self.model_type!r}")
+        if self.attention_bias is None:
+            self.attention_bias = FAMILIES[self.model_type][1]
+        if self.model_type == "qwen2" and not self.attention_bias:
+            raise ConfigError("Qwen2 always has q/k/v biases (attention_bias cannot be false)")
+        if self.rope_scaling is not None:
+            if sorted(self.rope_scaling) != sorted(LLAMA3_ROPE_KEYS):
+                raise ConfigError(f"rope_scaling must have exactly the llama3 keys {LLAMA3_ROPE_KEYS}, "
+                                  f"got {self.rope_scaling!r}")
+            s = self.rope_scaling
+            if not (s["factor"] > 0 and s["original_max_position_embeddings"] > 0
+                    and s["high_freq_factor"] > s["low_freq_factor"] > 0):
+                raise ConfigError(f"llama3 rope_scaling needs positive factors and high_freq_factor > "
+                                  f"low_freq_factor, got {s!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -99,37 +127,51 @@ class Qwen2Config:
         if self.torch_dtype not in _DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(_DTYPES)}")
 
+    @property
+    def qk_norm(self) -> bool:
+        """Whether each attention head's q and k are RMS-normalized before RoPE (Qwen3)."""
+        return FAMILIES[self.model_type][2]
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Qwen2Config:
         """Validate a Hugging Face config dict (v4 or v5 layout) and keep only what is supported."""
-        if d.get("model_type") != "qwen2":
-            raise ConfigError(f"model_type must be 'qwen2', got {d.get('model_type')!r}")
-        archs = d.get("architectures") or ["Qwen2ForCausalLM"]
-        if archs != ["Qwen2ForCausalLM"]:
-            raise ConfigError(f"architectures must be ['Qwen2ForCausalLM'], got {archs!r}")
+        model_type = d.get("model_type")
+        if model_type not in FAMILIES:
+            raise ConfigError(f"model_type must be one of {sorted(FAMILIES)}, got {model_type!r}")
+        arch = FAMILIES[model_type][0]
+        archs = d.get("architectures") or [arch]
+        if archs != [arch]:
+            raise ConfigError(f"architectures must be [{arch!r}] for model_type {model_type!r}, got {archs!r}")
         if d.get("use_sliding_window"):
             raise ConfigError("use_sliding_window: true is not supported (full attention only)")
         if any(t != "full_attention" for t in d.get("layer_types") or []):
             raise ConfigError(f"layer_types other than full_attention are not supported: {d['layer_types']!r}")
-        if d.get("rope_scaling") is not None:
-            raise ConfigError(f"rope_scaling is not supported, got {d['rope_scaling']!r}")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got {d['hidden_act']!r}")
         if d.get("attention_dropout", 0.0):
             raise ConfigError(f"attention_dropout must be 0, got {d['attention_dropout']!r}")
-        for key in ("quantization_config", "use_mrope"):
+        for key in ("quantization_config", "use_mrope", "mlp_bias"):
             if d.get(key):
                 raise ConfigError(f"{key} is not supported, got {d[key]!r}")
 
-        theta = d.get("rope_theta")
-        rope = d.get("rope_parameters")
-        if rope is not None:
+        # RoPE: v4 writes rope_theta and rope_scaling, v5 rope_parameters (theta and scaling in one); both must agree.
+        theta, scaling = d.get("rope_theta"), None
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = d.get(key)
+            if rope is None:
+                continue
+            params = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
             rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default" or set(rope) - {"rope_type", "type", "rope_theta"}:
-                raise ConfigError(f"rope_parameters other than default RoPE are not supported: {rope!r}")
+            if not (rope_type == "default" and not params) and \
+                    not (rope_type == "llama3" and sorted(params) == sorted(LLAMA3_ROPE_KEYS)):
+                raise ConfigError(f"{key} other than default or llama3 RoPE is not supported: {rope!r}")
             if theta is not None and rope.get("rope_theta", theta) != theta:
-                raise ConfigError(f"rope_theta {theta!r} disagrees with rope_parameters {rope!r}")
+                raise ConfigError(f"rope_theta {theta!r} disagrees with {key} {rope!r}")
             theta = rope.get("rope_theta", theta)
+            params = params or None
+            if scaling is not None and params != scaling:
+                raise ConfigError(f"rope_scaling {d['rope_scaling']!r} disagrees with rope_parameters {rope!r}")
+            scaling = params
 
         kwargs = {k: d[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                      "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
@@ -138,11 +180,15 @@ class Qwen2Config:
                   if d.get(k) is not None}
         if theta is not None:
             kwargs["rope_theta"] = float(theta)
+        if scaling is not None:
+            kwargs["rope_scaling"] = {k: scaling[k] for k in LLAMA3_ROPE_KEYS}
+        if model_type != "qwen2":
+            kwargs["attention_bias"] = bool(d.get("attention_bias", False))
         dtype = d.get("dtype") or d.get("torch_dtype")  # v5 writes `dtype`, and prefers it when both exist
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         extra = {k: v for k, v in d.items() if k not in _MANAGED_KEYS}
-        return cls(**kwargs, extra=extra)
+        return cls(**kwargs, model_type=model_type, extra=extra)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Qwen2Config:
@@ -162,19 +208,24 @@ class Qwen2Config:
 
     def to_dict(self) -> dict[str, Any]:
         """config.json in a layout both transformers v4 (and vLLM) and v5 read identically."""
+        rope = {"rope_type": "default"} if self.rope_scaling is None else {"rope_type": "llama3", **self.rope_scaling}
         d = {**self.extra,
-             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+             "architectures": [FAMILIES[self.model_type][0]], "model_type": self.model_type,
              "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
              "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
              "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
              "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
              "rope_theta": self.rope_theta,
-             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+             "rope_parameters": {**rope, "rope_theta": self.rope_theta},
              "tie_word_embeddings": self.tie_word_embeddings,
              "torch_dtype": self.torch_dtype, "dtype": self.torch_dtype,
              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
              "pad_token_id": self.pad_token_id, "initializer_range": self.initializer_range,
              "hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False}
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = rope  # where transformers v4 and vLLM read it
+        if self.model_type != "qwen2":  # Llama's and Qwen3's own fields; Qwen3's head_dim defaults to 128, not ours
+            d |= {"attention_bias": self.attention_bias, "mlp_bias": False, "head_dim": self.head_dim}
         if self.head_dim != self.hidden_size // self.num_attention_heads:
             d["head_dim"] = self.head_dim
         return d
@@ -376,14 +427,29 @@ class Qwen2RMSNorm(nn.Module):
 
 
 @functools.lru_cache(maxsize=16)
-def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+def _inv_freq(head_dim: int, theta: float, llama3: tuple[float, float, float, int] | None,
+              device: torch.device) -> Tensor:
     # Computed on the CPU as Hugging Face does: a GPU pow may differ in the last bit, which position 32k amplifies.
-    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))).to(device)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # (hd/2,)
+    if llama3 is not None:
+        # Llama 3.1: wavelengths longer than the original context / low_freq_factor are stretched by `factor`,
+        # shorter than original / high_freq_factor kept, and those between interpolated (transformers' order).
+        factor, low, high, original = llama3
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.to(device)
 
 
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """Rotary angles in fp32 for (B, T) positions -> cos, sin of shape (B, 1, T, head_dim)."""
-    freqs = position_ids[..., None].float() * _inv_freq(head_dim, theta, position_ids.device)  # (B, T, hd/2)
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float,
+                 llama3: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
+    """Rotary angles in fp32 for (B, T) positions -> cos, sin of shape (B, 1, T, head_dim). `llama3`: the
+    config's rope_scaling, if any."""
+    scaling = tuple(llama3[k] for k in LLAMA3_ROPE_KEYS) if llama3 is not None else None
+    freqs = position_ids[..., None].float() * _inv_freq(head_dim, theta, scaling, position_ids.device)  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos(), emb.sin()
 
@@ -400,15 +466,24 @@ class Qwen2Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size,
+                                bias=bias and config.model_type != "qwen2")  # Qwen2 biases q/k/v only
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's dim, shared by all heads
+            self.q_norm = Qwen2RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = Qwen2RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -503,7 +578,7 @@ class Qwen2ForCausalLM(nn.Module):
                     else torch.arange(T, device=input_ids.device)[None]
             position_ids = position_ids.expand(B, T)
             mask = build_mask(position_ids if packed else None, attention_mask, use_flex=input_ids.is_cuda)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for layer in self.model.layers:
@@ -591,7 +666,7 @@ def _weight_map(path: Path) -> dict[str, Path]:
 
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | str = torch.float32) -> Qwen2ForCausalLM:
-    """Load a Hugging Face Qwen2 checkpoint directory (single file or sharded safetensors).
+    """Load a Hugging Face Qwen2, Llama-3 or Qwen3 checkpoint directory (single file or sharded safetensors).
 
     The model is built on the meta device and each tensor is read from its (memory-mapped) file, cast and
     copied into place, so memory peaks at the model in `dtype` plus one tensor.
@@ -721,7 +796,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(description="Qwen2 checkpoints")
+    p = argparse.ArgumentParser(description="Qwen2, Llama-3 and Qwen3 checkpoints")
     sub = p.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="write a randomly initialized checkpoint for a config.json")
     init.add_argument("--config", required=True, help="directory holding config.json (and tokenizer files)")

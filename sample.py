@@ -649,13 +649,14 @@ def main(argv: list[str] | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = model_lib.load_pretrained(args.model, device=device,
                                           dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size)
+        family = data_lib.chat_family(model.config.model_type)
+        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size, family)
     except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    text = args.prompt if args.raw else (data_lib.eval_prompt_text(args.prompt) if args.think
-                                         else data_lib.prompt_text(args.prompt))
+    text = args.prompt if args.raw else (data_lib.eval_prompt_text(args.prompt, family=family) if args.think
+                                         else data_lib.prompt_text(args.prompt, family))
     prompt = tok.encode(text, add_special_tokens=False).ids
-    stops = [tok.token_to_id(data_lib.IM_END), tok.token_to_id(data_lib.ENDOFTEXT)]
+    stops = data_lib.stop_ids(tok, family)
     outs = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, stop_ids=stops, n=args.n, seed=args.seed, kv_gib=args.kv_gib)
     for j, tokens in enumerate(outs):

@@ -1,4 +1,5 @@
-"""model.py against Hugging Face transformers' Qwen2ForCausalLM, fp32 on CPU, on random tiny configs."""
+"""model.py against Hugging Face transformers' Qwen2ForCausalLM, LlamaForCausalLM and Qwen3ForCausalLM, fp32 on
+CPU, on random tiny configs."""
 
 import json
 
@@ -19,14 +20,40 @@ CONFIGS = [
     dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6,
          tie_word_embeddings=False, rms_norm_eps=1e-5),
 ]
+# Llama-3: llama3 RoPE scaling on and off, tied and untied, GQA 1 and 4, and attention_bias (which biases o_proj
+# too). With head_dim 8 and an original context of 512, the four frequencies fall in all three llama3 bands.
+LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=512)
+CONFIGS += [
+    dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=4, rope_theta=5e5,
+         rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    dict(model_type="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=2, rope_theta=5e5,
+         rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=4, rope_theta=5e5,
+         tie_word_embeddings=False),
+    dict(model_type="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=2, rope_theta=1e4,
+         tie_word_embeddings=True, attention_bias=True),
+    # Qwen3: per-head q/k RMSNorm, no biases, head_dim independent of hidden_size
+    dict(model_type="qwen3", hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+         rope_theta=1e6, tie_word_embeddings=False),
+]
 VOCAB = 101
 
 
-def hf_model(cfg: dict) -> transformers.Qwen2ForCausalLM:
-    """A random HF model with every parameter perturbed: non-zero q/k/v biases, non-unit norm weights."""
-    config = transformers.Qwen2Config(vocab_size=VOCAB, intermediate_size=72, num_hidden_layers=3,
-                                      max_position_embeddings=256, **cfg)
-    model = transformers.Qwen2ForCausalLM(config).eval()
+def hf_config(cfg: dict, **kwargs) -> transformers.PreTrainedConfig:
+    """One of CONFIGS (written in our Qwen2Config's terms) as a transformers config of its model_type."""
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type", "qwen2")
+    rope = {"rope_type": "llama3", **cfg.pop("rope_scaling")} if "rope_scaling" in cfg else {"rope_type": "default"}
+    rope["rope_theta"] = cfg.pop("rope_theta")
+    if model_type == "qwen3":
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])  # Qwen3's default is 128
+    return transformers.AutoConfig.for_model(model_type, rope_parameters=rope, **cfg, **kwargs)
+
+
+def hf_model(cfg: dict) -> transformers.PreTrainedModel:
+    """A random HF model with every parameter perturbed: non-zero biases, non-unit norm weights."""
+    config = hf_config(cfg, vocab_size=VOCAB, intermediate_size=72, num_hidden_layers=3, max_position_embeddings=256)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
@@ -102,7 +129,8 @@ def test_our_checkpoint_loads_in_transformers(tmp_path):
             for p in ours.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         M.save_pretrained(ours, tmp_path / f"ours{i}")
-        hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / f"ours{i}", dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"ours{i}", dtype=torch.float32).eval()
+        assert type(hf).__name__ == M.FAMILIES[config.model_type][0]  # saved as its own family
         ids = torch.randint(0, VOCAB, (2, 13))
         with torch.no_grad():
             assert_close(hf(ids).logits, ours(ids))
@@ -110,6 +138,9 @@ def test_our_checkpoint_loads_in_transformers(tmp_path):
         assert ("lm_head.weight" in keys) != cfg["tie_word_embeddings"]  # tied heads are stored the HF way
         assert hf.config.tie_word_embeddings == cfg["tie_word_embeddings"]
         assert hf.config.rope_parameters["rope_theta"] == cfg["rope_theta"]
+        assert hf.config.rope_parameters["rope_type"] == ("llama3" if "rope_scaling" in cfg else "default")
+        back = M.load_pretrained(tmp_path / f"ours{i}")  # and back into ours from the same files
+        assert back.config == config
 
 
 def test_kv_cache_decoding_matches_full_forward(pair):
@@ -289,6 +320,26 @@ def test_real_config_builds_on_meta_with_exact_parameter_count():
     assert all(p.is_meta for p in model.parameters())
 
 
+def test_llama_3_2_3b_config_builds_with_exact_parameter_count_and_rope():
+    """Llama-3.2-3B-Instruct's config.json (the paper's Appendix D.2 model): 3.21B parameters with its tied head,
+    and llama3-scaled RoPE frequencies bit-identical to transformers'."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = M.Qwen2Config.from_pretrained(FIXTURES / "llama-3.2-3b-instruct")
+    assert config.model_type == "llama" and not config.attention_bias and config.tie_word_embeddings
+    assert M.build_model(config, device="meta").num_parameters() == 3_212_749_824
+    hf = transformers.LlamaConfig.from_pretrained(FIXTURES / "llama-3.2-3b-instruct")
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    pos = torch.arange(0, 131072, 4099)[None]
+    cos, sin = M.rope_cos_sin(pos, 128, config.rope_theta, config.rope_scaling)
+    freqs = pos[..., None].float() * theirs
+    assert torch.equal(cos[0, 0], torch.cat((freqs, freqs), -1)[0].cos())
+    assert not torch.equal(theirs, 1.0 / 500000.0 ** (torch.arange(0, 128, 2).float() / 128))  # scaling applied
+    out = config.to_dict()  # saved in a layout transformers v5 and v4 (rope_scaling) both read
+    assert out["rope_parameters"] == hf.rope_parameters and out["rope_scaling"]["rope_type"] == "llama3"
+    assert M.Qwen2Config.from_dict(out) == config
+    assert out["architectures"] == ["LlamaForCausalLM"] and out["eos_token_id"] == [128001, 128008, 128009]
+
+
 @pytest.mark.slow
 def test_real_size_bf16_roundtrip_is_bit_exact(tmp_path):
     config = M.Qwen2Config.from_pretrained(FIXTURES / "qwen2.5-math-1.5b")
@@ -402,7 +453,12 @@ BASE = json.loads((FIXTURES / "qwen2.5-math-1.5b" / "config.json").read_text())
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 3e5}}, "disagrees"),
-    ({"model_type": "llama"}, "model_type"),
+    ({"model_type": "llama"}, "model_type"),  # with Qwen2's architectures
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type must be one of"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "mlp_bias": True}, "mlp_bias"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                       "original_max_position_embeddings": 8192}}, "high_freq_factor > low_freq_factor"),
     ({"model_type": None}, "model_type"),
     ({"architectures": ["Qwen2ForSequenceClassification"]}, "architectures"),
     ({"hidden_act": "gelu"}, "hidden_act"),
