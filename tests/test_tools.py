@@ -1,4 +1,4 @@
-"""The small command-line tools: model.py init and plot.py."""
+"""The small command-line tools: model.py init, plot.py and demo.py."""
 
 import builtins
 import json
@@ -62,3 +62,14 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
 def test_plot_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="not a train.py run directory"):
         plot.main([str(tmp_path), "--out", str(tmp_path / "fig.png")])
+
+
+def test_plot_overwrites_only_its_own_figures(tmp_path):
+    write_run(tmp_path / "a", 3, with_eval=False)
+    (tmp_path / "mine.png").write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="mine.png: exists and is not a figure plot.py wrote.*another --out"):
+        plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "mine.png")])
+    assert (tmp_path / "mine.png").read_bytes() == b"precious"
+    pytest.importorskip("matplotlib")
+    plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig.png")])
+    plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig.png")])  # its own figure: redrawn
