@@ -346,12 +346,21 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
+def logged_step(line: str) -> int:
+    """The step of a metrics.jsonl line; -1 for a line torn by a killed run (dropped on resume)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return -1
+
+
 def interrupted(out: Path) -> str:
     """One line for Ctrl-C: where the run stands and how to continue it."""
     if not out.is_dir():
         return f"interrupted before training started; nothing was written to {out}"
     metrics = out / "metrics.jsonl"
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    steps = [s for line in metrics.read_text().splitlines() if (s := logged_step(line)) > 0] \
+        if metrics.is_file() else []
     done = f"interrupted after step {steps[-1]}" if steps else "interrupted before the first step finished"
     ckpts = [c for c in complete_checkpoints(out) if (c / "state").is_dir()]
     if ckpts:
@@ -414,7 +423,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     if rank == 0:  # drop metrics of steps the resumed run will redo
         metrics_path = out / "metrics.jsonl"
         kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(line)["step"] <= start]
+                if 0 < logged_step(line) <= start]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     log(f"{args.stage}: {n_params:,} parameters, {len(loader.examples):,} examples ({loader.dropped:,} longer "
