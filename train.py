@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(args, rank, world, device)
     except BaseException as e:
-        empty = lambda p: p.name == RUN_MARKER or (p.is_file() and p.stat().st_size == 0)  # noqa: E731
-        if rank == 0 and created and out.is_dir() and all(empty(p) for p in out.iterdir()):
+        if rank == 0 and created and out.is_dir() and all(p.name == RUN_MARKER or (p.is_file() and not p.stat().st_size)
+                                                          for p in out.iterdir()):
             shutil.rmtree(out)  # a failed run leaves no empty --out behind
         if isinstance(e, KeyboardInterrupt):
             if rank == 0:
@@ -511,7 +511,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
 
 def diverged_values(loss: float, grad_norm: float, history: dict[str, list[float]]) -> str | None:
     """What is wrong with a step's loss and gradient norm, if anything: non-finite, or exploding against the
-    largest values of the run so far (MAX_GROWTH)."""
+    largest values seen so far (MAX_GROWTH; since this process started, so a resumed run rebuilds its history)."""
     for name, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
             return f"non-finite {name} ({value})"
@@ -539,13 +539,13 @@ def stop_diverged(out: Path, step: int, what: str, healthy_before: int, rank: in
     if moved:
         msg += f" Its weights came from {', '.join(moved)} (moved aside; --resume will not use it)."
     if not healthy:
-        msg += " There is no healthy checkpoint: start again with a lower --lr."
+        msg += " There is no healthy checkpoint."
     elif (healthy[-1] / "state").is_dir():
         msg += f" The last healthy checkpoint is {healthy[-1]} (--resume continues from it)."
     else:
         msg += (f" The last healthy checkpoint is {healthy[-1]} (its model/; its resumable state was pruned, "
                 f"see --keep-state).")
-    raise SystemExit(msg + " Lower --lr or check the data.")
+    raise SystemExit(msg + " Lower --lr or check the data." if rank == 0 else 1)  # one message, not one per rank
 
 
 def stage_loss(args, logps, lengths, mb, ref, n_examples: int, n_loss_tokens: int):
