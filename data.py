@@ -959,11 +959,16 @@ def toy_trace(reasoning: str, answer) -> str:
     return f"<think>\n{reasoning}\n</think>\n\n{_ANSWER_LINE % answer}"
 
 
+TOY_MARKER = "TOY"  # marks a directory written by toy_corpus
+
+
 def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200, seed: int = 0,
                vocab_size: int = 1024) -> None:
     """Write <out>/raw/train-00000-of-00001.parquet (raw OpenR1 schema), <out>/test.jsonl (benchmark schema)
-    and <out>/model/{config.json, tokenizer.json}. Deterministic from `seed`."""
+    and <out>/model/{config.json, tokenizer.json}. Deterministic from `seed`. `out` must be new, empty or an
+    earlier toy corpus (it holds TOY_MARKER), so no file of the user's is overwritten."""
     out = Path(out)
+    model_lib.check_replaceable(out, TOY_MARKER, "choose another --out")
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
 
@@ -995,7 +1000,8 @@ def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200
         rows.append({"problem": problem, "answer": gold, "problem_is_valid": valid, "source": source,
                      "generations": gens, "correctness": {"llama_verification": llama,
                                                           "math_verify_reparsed_answer": mv}})
-    (out / "raw").mkdir(parents=True, exist_ok=True)
+    model_lib.claim_dir(out, TOY_MARKER, "written by `python data.py toy`; rewritten when it runs again here")
+    (out / "raw").mkdir(exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out / "raw" / "train-00000-of-00001.parquet")
     with open(out / "test.jsonl", "w") as f:
         for i, (problem, gold) in enumerate(test):

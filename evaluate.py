@@ -16,6 +16,8 @@ Writes <out>/generations.rank<r>.jsonl while sampling (a rerun with the same --o
 problems; the sampler's randomness depends only on the seed and each problem's id, so a resumed run
 produces what an uninterrupted one would), then <out>/generations.jsonl (every generation with its
 extracted answer, verdict and token count) and <out>/results.json, and prints a table like the paper's.
+<out>/settings.json marks the directory as an evaluation: evaluate.py writes only into a new or empty --out or
+one holding it, and resumes only with the same settings and the same weights (a fingerprint of their content).
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ PROMPT = ("Solve the following math problem efficiently and clearly. The last li
 # from (a response without </think> is wrong; the answer is boxed after it); "lenient" also searches the thinking
 # part when nothing is boxed after </think>, or when there is no </think> (a response cut at the token limit).
 GRADING = ("paper", "lenient")
-# Generation settings that must match for a rerun to reuse earlier generations.
-SETTINGS = ("model", "samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "prompt", "think_prompt")
+# Generation settings that must match for a rerun to reuse earlier generations; `weights` is the checkpoint's
+# content fingerprint, so new weights at the same path are never reported with the old ones' generations.
+SETTINGS = ("model", "weights", "samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "prompt",
+            "think_prompt")
+# The file that marks --out as ours: evaluate.py writes only into a new or empty directory, or one holding it.
+SETTINGS_FILE = "settings.json"
 
 
 # -----------------------------------------------------------------------------
@@ -102,6 +108,16 @@ def load_benchmark(spec: str) -> tuple[str, list[dict]]:
     if len({r["id"] for r in rows}) != len(rows):
         raise data_lib.DataError(f"{path}: ids are not unique")
     return (spec if spec in BENCHMARKS else path.stem), rows
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 over a checkpoint's config.json and safetensors files (names and contents): what identifies the
+    model whose generations an --out holds, wherever it lives and whatever its path. Seconds per billion
+    parameters, once per run."""
+    h = hashlib.sha256()
+    for file in sorted(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]:
+        h.update(f"{file.name}:{data_lib.file_sha256(file)}\n".encode())
+    return h.hexdigest()
 
 
 def problem_key(bench: str, problem_id: str) -> int:
@@ -196,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate(args, rank: int, world: int, device: torch.device) -> None:
     out = Path(args.out)
     log = print if rank == 0 else (lambda *a, **k: None)
-    settings = {k: getattr(args, k) for k in SETTINGS}
     try:
+        model_lib.check_replaceable(out, SETTINGS_FILE, "choose another --out (evaluate.py writes only into a new "
+                                                        "or empty directory, or one of its own evaluations)")
         benches = [load_benchmark(spec.strip()) for spec in args.benchmarks.split(",") if spec.strip()]
         model = model_lib.load_pretrained(args.model, device=device,
                                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -206,10 +223,16 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
     except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     if rank == 0:
+        args.weights = checkpoint_fingerprint(args.model)
+        settings = {k: getattr(args, k) for k in SETTINGS}
+        settings_path = out / SETTINGS_FILE
+        old = json.loads(settings_path.read_text()) if settings_path.exists() else settings
+        changed = [k for k in SETTINGS if old.get(k) != settings[k]]
+        if changed:
+            why = "; the checkpoint's weights are not the ones evaluated there" if "weights" in changed else ""
+            raise SystemExit(f"error: {out} holds generations made with other settings ({', '.join(changed)}{why}); "
+                             f"use another --out")
         out.mkdir(parents=True, exist_ok=True)
-        settings_path = out / "settings.json"
-        if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-            raise SystemExit(f"error: {out} holds generations made with other settings; use another --out")
         settings_path.write_text(json.dumps(settings, indent=2) + "\n")
         drop_torn_tails(out, log)
     dist.barrier()

@@ -195,8 +195,9 @@ class Qwen2Config:
         file = Path(path) / "config.json"
         try:
             d = json.loads(file.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{file}: not found (is {path} a checkpoint directory?)") from None
+        except (FileNotFoundError, NotADirectoryError):
+            what = "no such path" if not Path(path).exists() else "no config.json in it"
+            raise CheckpointError(f"{path}: not a checkpoint directory ({what})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
@@ -773,11 +774,23 @@ def save_state_dict(state: dict[str, Tensor], config: Qwen2Config, path: str | o
     replace_dir(tmp, path)
 
 
-def check_replaceable(path: Path, marker: str) -> None:
-    """Refuse to overwrite a directory that is not ours: `path` may be absent, empty, or hold `marker`."""
+def check_replaceable(path: str | os.PathLike, marker: str, hint: str = "choose another path") -> None:
+    """The one rule of every tool that writes a directory: write only into one that is absent, empty, or holds
+    `marker` (a file the tool itself leaves there), so nothing a user put there is ever overwritten. `hint`
+    says what to do instead (which flag to use)."""
+    path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists())):
         raise CheckpointError(f"{path}: exists and is not a directory we wrote (no {marker}); refusing to "
-                              f"replace it, choose another path")
+                              f"write into it: {hint}")
+
+
+def claim_dir(path: str | os.PathLike, marker: str, note: str) -> None:
+    """Create `path` (after check_replaceable) and mark it as ours with `marker`, before writing anything else,
+    so that a rerun recognizes it, even after a crash."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / marker).exists():
+        (path / marker).write_text(note + "\n")
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

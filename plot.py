@@ -6,7 +6,7 @@ Panels against the optimizer step: accuracy of the run's checkpoints (from `eval
 <run>/step-NNNNNN/eval`, when present), chosen and rejected LogPS (mean per-token log-prob, from the run's
 metrics.jsonl) and the update norm ||theta_t - theta_(t-1)||. Collapse shows as both LogPS falling together
 while the update norm spikes and accuracy drops. Needs matplotlib (`pip install matplotlib`), an optional
-dependency.
+dependency. --out is written only if it is new or a figure plot.py wrote (its PNG carries MARK).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+# A PNG text chunk (key, value) that marks a figure as plot.py's: the only existing file it overwrites.
+MARK = ("Software", "redi plot.py")
 
 
 def read_run(run: Path) -> dict[str, list]:
@@ -33,6 +36,14 @@ def read_run(run: Path) -> dict[str, list]:
             "acc": [a[1] for a in acc]}
 
 
+def check_writable(path: Path) -> None:
+    """The tools' rule for what they write, for a single file: new, or one plot.py wrote before."""
+    tag = f"{MARK[0]}\0{MARK[1]}".encode()  # as a PNG tEXt chunk stores it
+    if path.exists() and not (path.is_file() and tag in path.read_bytes()):
+        sys.exit(f"error: {path}: exists and is not a figure plot.py wrote; refusing to overwrite it: "
+                 f"choose another --out")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--title", default="", help="figure title")
     args = p.parse_args(argv)
+    check_writable(Path(args.out))
     labels = args.labels or [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
         sys.exit(f"error: {len(args.runs)} runs but {len(labels)} labels")
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         fig.suptitle(args.title)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    fig.savefig(args.out, dpi=110, metadata=dict([MARK]))
     print(f"wrote {args.out}")
 
 

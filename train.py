@@ -9,7 +9,10 @@
 
 Every flag defaults to the paper's value for the stage (`python train.py --help`). The run writes
 `<out>/metrics.jsonl` (one line per optimizer step), `<out>/step-NNNNNN/` checkpoints (`model/` in Hugging
-Face layout, `state/` resumable through torch.distributed.checkpoint, `args.json`) and `<out>/final/`.
+Face layout, `state/` resumable through torch.distributed.checkpoint, `args.json`) and `<out>/final/`. It
+writes only into a new or empty --out or one of its own runs (marked by `<out>/RUN`), and stops on a diverging
+step (non-finite or exploding loss, gradient or update) before that step's checkpoint is saved, naming the last
+healthy one. Ctrl-C ends with one line saying how to continue (`--resume`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
 # Arguments a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("stage", "data", "alpha", "beta", "gamma", "lr", "betas", "eps", "weight_decay", "warmup_ratio",
                "grad_clip", "batch_size", "max_len", "truncate", "epochs", "max_steps", "seed")
+# The file that marks --out as a train.py run: it writes only into a new or empty directory, or one holding this.
+RUN_MARKER = "RUN"
+# Divergence, judged before a step's checkpoint is saved. An update larger than the weights themselves: AdamW
+# moves each weight by about lr, so a healthy step moves the whole by ~lr / (typical weight size), far below 1.
+MAX_UPDATE_RATIO = 1.0
+# A loss or gradient norm this many times the largest the run has seen (the loss's floor of 1: losses near zero
+# move by more than any factor): orders of magnitude beyond the loss rises that REDI's collapse shows.
+MAX_GROWTH = 1000.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -317,11 +328,45 @@ def reference_logps(model, data: data_lib.TokenData, args, device: torch.device,
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    out = Path(args.out)
+    created = not out.exists()
     rank, world, device = setup_distributed()
     try:
         train(args, rank, world, device)
+    except BaseException as e:
+        if rank == 0 and created and out.is_dir() and all(p.name == RUN_MARKER or (p.is_file() and not p.stat().st_size)
+                                                          for p in out.iterdir()):
+            shutil.rmtree(out)  # a failed run leaves no empty --out behind
+        if isinstance(e, KeyboardInterrupt):
+            if rank == 0:
+                print(f"\n{interrupted(out)}", flush=True)
+            raise SystemExit(130) from None
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def logged_step(line: str) -> int:
+    """The step of a metrics.jsonl line; -1 for a line torn by a killed run (dropped on resume)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return -1
+
+
+def interrupted(out: Path) -> str:
+    """One line for Ctrl-C: where the run stands and how to continue it."""
+    if not out.is_dir():
+        return f"interrupted before training started; nothing was written to {out}"
+    metrics = out / "metrics.jsonl"
+    steps = [s for line in metrics.read_text().splitlines() if (s := logged_step(line)) > 0] \
+        if metrics.is_file() else []
+    done = f"interrupted after step {steps[-1]}" if steps else "interrupted before the first step finished"
+    ckpts = [c for c in complete_checkpoints(out) if (c / "state").is_dir()]
+    if ckpts:
+        return (f"{done}; the newest checkpoint is {ckpts[-1]}: rerun the same command with --resume to continue "
+                f"from it")
+    return f"{done}; no checkpoint yet (see --save-every): rerun the same command with --resume to start again"
 
 
 def train(args, rank: int, world: int, device: torch.device) -> None:
@@ -332,17 +377,25 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     ac = (device.type == "cuda" and not args.no_ac) or args.ac
 
     existing = complete_checkpoints(out) if out.is_dir() else []
-    if existing and not args.resume:
-        raise SystemExit(f"error: {out} already holds checkpoints; pass --resume to continue, or another --out")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    # runs written before the marker existed are recognized by their checkpoints
+    ours = bool(existing) and all((c / "trainer_state.json").is_file() for c in existing)
     try:
+        if not ours:
+            model_lib.check_replaceable(out, RUN_MARKER, "choose another --out (train.py writes only into a new "
+                                                         "or empty directory, or one of its own runs)")
+        if existing and not args.resume:
+            raise SystemExit(f"error: {out} already holds checkpoints; pass --resume to continue, or another --out")
+        for path in (args.model, args.ref_model):  # the checkpoint paths first: the other checks read them
+            if path is not None:
+                model_lib.Qwen2Config.from_pretrained(path)
         data = data_lib.TokenData(args.data, "pref" if pref else "sft")
         data.check_tokenizer(args.model)
         loader = data_lib.Loader(data, batch_size=args.batch_size, max_tokens=args.micro_tokens,
                                  max_len=args.max_len, world_size=world, rank=rank, seed=args.seed,
                                  truncate=args.truncate)
+        if rank == 0:  # only now: a run refused for its inputs leaves no directory behind
+            model_lib.claim_dir(out, RUN_MARKER, "written by train.py; continue the run with --resume")
+        dist.barrier()
         ref = None
         if args.stage == "dpo":  # the reference's log-probs, once, before the policy is even loaded
             ref_model = load_model(args.ref_model or args.model, args)
@@ -370,7 +423,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     if rank == 0:  # drop metrics of steps the resumed run will redo
         metrics_path = out / "metrics.jsonl"
         kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(line)["step"] <= start]
+                if 0 < logged_step(line) <= start]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     log(f"{args.stage}: {n_params:,} parameters, {len(loader.examples):,} examples ({loader.dropped:,} longer "
@@ -381,7 +434,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                        name in torch.cuda.get_device_name(device)), None)
     params = [p for p in model.parameters()]
     t_start = time.time()
-    step_times = []
+    step_times, history = [], {"loss": [], "grad_norm": []}
 
     for step in range(start, total):
         t0 = time.time()
@@ -404,7 +457,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                 stats += torch.stack([x.double() for x in (loss.detach(), *pair_stats)])  # no host sync
                 host_stats += (sum(mb.doc_lengths), flops(config, n_params, mb.doc_lengths))
         except torch.cuda.OutOfMemoryError:
-            raise SystemExit(f"error: out of memory at step {step} (rank {rank}, micro-batches of up to "
+            raise SystemExit(f"error: out of memory at step {step + 1} (rank {rank}, micro-batches of up to "
                              f"{args.micro_tokens} tokens): lower --micro-tokens"
                              f"{'' if ac else ' or enable activation checkpointing (drop --no-ac)'}") from None
         stats = torch.cat([stats, torch.tensor(host_stats, device=device)])
@@ -412,21 +465,24 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
         loss_value = float(stats[0])
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            raise SystemExit(f"error: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
-                             f"at step {step} (loss {loss_value}, gradient norm {grad_norm}); stopped before the "
-                             f"optimizer step, the last checkpoint in {out} is intact. Lower --lr or check the data.")
+        bad = diverged_values(loss_value, grad_norm, history)
+        if bad:  # the weights of step `step` gave these values: its checkpoint is not healthy either
+            stop_diverged(out, step + 1, f"{bad}; stopped before the optimizer step", step, rank)
+        history["loss"].append(loss_value)
+        history["grad_norm"].append(grad_norm)
         before = [p.detach().to_local().clone() for p in params]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach().to_local() for p in params], before)))
-        update_sq = (update.double() ** 2).sum()
-        dist.all_reduce(update_sq)
-        del before
+        local = [p.detach().to_local() for p in params]
+        norms_sq = torch.stack([(torch.stack(torch._foreach_norm(x)).double() ** 2).sum()
+                                for x in (torch._foreach_sub(local, before), before)])  # (update, weights before)
+        dist.all_reduce(norms_sq)
+        update_norm, weight_norm = norms_sq.sqrt().tolist()
+        del before, local
 
         dt = time.time() - t0
         step_times.append(dt)
-        record = metrics_record(args, step + 1, epoch, lr, loss_value, grad_norm, float(update_sq.sqrt()), stats,
+        record = metrics_record(args, step + 1, epoch, lr, loss_value, grad_norm, update_norm, stats,
                                 dt, world, peak_flops, device)
         record["eta_s"] = round(float(np.mean(step_times[-20:])) * (total - step - 1))
         if rank == 0:
@@ -434,6 +490,9 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                 f.write(json.dumps(record) + "\n")
             if (step + 1) % args.log_every == 0 or step + 1 == total:
                 log(format_record(record, total))
+        if not update_norm <= MAX_UPDATE_RATIO * weight_norm:  # before this step's checkpoint is saved
+            stop_diverged(out, step + 1, f"the update norm {update_norm:.3g} exceeds the norm of the weights it "
+                                         f"updated, {weight_norm:.3g}", step + 1, rank)
         done = step + 1 == total
         if (args.save_every and (step + 1) % args.save_every == 0) or done or step + 1 == args.stop_at:
             path = save_checkpoint(out, step + 1, model, optimizer, args, config, rank)
@@ -448,6 +507,45 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         model_lib.replace_dir(tmp, out / "final")
         log(f"done: {total} steps in {time.time() - t_start:.0f}s; model in {out / 'final'}")
     dist.barrier()
+
+
+def diverged_values(loss: float, grad_norm: float, history: dict[str, list[float]]) -> str | None:
+    """What is wrong with a step's loss and gradient norm, if anything: non-finite, or exploding against the
+    largest values seen so far (MAX_GROWTH; since this process started, so a resumed run rebuilds its history)."""
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            return f"non-finite {name} ({value})"
+    past_loss, past_grad = max(map(abs, history["loss"]), default=None), max(history["grad_norm"], default=None)
+    if past_loss is not None and abs(loss) > MAX_GROWTH * max(past_loss, 1.0):
+        return f"the loss exploded to {loss:.3g} (the run's largest so far: {past_loss:.3g})"
+    if past_grad and grad_norm > MAX_GROWTH * past_grad:
+        return f"the gradient norm exploded to {grad_norm:.3g} (the run's largest so far: {past_grad:.3g})"
+    return None
+
+
+def stop_diverged(out: Path, step: int, what: str, healthy_before: int, rank: int) -> None:
+    """Stop a diverging run, naming the last healthy checkpoint. Checkpoints from step `healthy_before` on hold
+    weights that diverged: they are moved aside (diverged-step-NNNNNN) so that --resume cannot pick them."""
+    moved = []
+    for ckpt in complete_checkpoints(out):
+        if int(ckpt.name[5:]) >= healthy_before:
+            aside = out / f"diverged-{ckpt.name}"
+            if rank == 0:
+                shutil.rmtree(aside, ignore_errors=True)
+                ckpt.rename(aside)
+            moved.append(aside.name)
+    healthy = [c for c in complete_checkpoints(out) if int(c.name[5:]) < healthy_before]
+    msg = f"error: training diverged at step {step}: {what}."
+    if moved:
+        msg += f" Its weights came from {', '.join(moved)} (moved aside; --resume will not use it)."
+    if not healthy:
+        msg += " There is no healthy checkpoint."
+    elif (healthy[-1] / "state").is_dir():
+        msg += f" The last healthy checkpoint is {healthy[-1]} (--resume continues from it)."
+    else:
+        msg += (f" The last healthy checkpoint is {healthy[-1]} (its model/; its resumable state was pruned, "
+                f"see --keep-state).")
+    raise SystemExit(msg + " Lower --lr or check the data." if rank == 0 else 1)  # one message, not one per rank
 
 
 def stage_loss(args, logps, lengths, mb, ref, n_examples: int, n_loss_tokens: int):

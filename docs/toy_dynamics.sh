@@ -22,6 +22,7 @@ for run in "1 3e-4" "0.8 3e-4" "0.8 3e-5"; do
   done
   echo "alpha $1, lr $2: done"
 done
+rm -f docs/toy_dynamics.png  # this script's own figure: plot.py overwrites only figures that it marked
 python plot.py "$out/alpha1-lr3e-4" "$out/alpha0.8-lr3e-4" "$out/alpha0.8-lr3e-5" \
     --labels "alpha 1, lr 3e-4" "alpha 0.8, lr 3e-4" "alpha 0.8, lr 3e-5" --out docs/toy_dynamics.png \
     --title "REDI on the toy task from the demo's SFT model (accuracy: 100 test problems x 2 samples)"

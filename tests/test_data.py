@@ -483,3 +483,16 @@ def test_toy_corpus_is_deterministic_and_well_formed(tmp_path, toy):
     ids = tok.encode(text, add_special_tokens=False).ids
     assert tok.decode(ids, skip_special_tokens=False) == text
     assert ids.count(tok.token_to_id(D.IM_START)) == 3 and ids[-1] == tok.token_to_id(D.IM_END)
+
+
+def test_toy_corpus_writes_only_into_a_new_empty_or_earlier_toy_directory(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "test.jsonl").write_text("precious\n")
+    (mine / "model" / "tokenizer.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"mine: exists and is not a directory we wrote \(no TOY\).*--out"):
+        D.main(["toy", "--out", str(mine), "--n-train", "20", "--n-test", "2"])
+    assert (mine / "test.jsonl").read_text() == "precious\n" and (mine / "model" / "tokenizer.json").read_text() == "{}"
+    D.main(["toy", "--out", str(tmp_path / "toy"), "--n-train", "20", "--n-test", "2"])
+    D.main(["toy", "--out", str(tmp_path / "toy"), "--n-train", "20", "--n-test", "3"])  # an earlier toy: rewritten
+    assert len((tmp_path / "toy" / "test.jsonl").read_text().splitlines()) == 3

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import shutil
 import time
 
 import numpy as np
@@ -161,6 +162,7 @@ def test_a_problem_written_in_part_then_again_counts_once(toy, tmp_path):
     _, full = run(toy, tmp_path / "full")
     shard = (tmp_path / "full" / "generations.rank0.jsonl").read_text().splitlines()
     (tmp_path / "partial").mkdir()
+    shutil.copy(tmp_path / "full" / "settings.json", tmp_path / "partial")  # written first by the killed run
     (tmp_path / "partial" / "generations.rank0.jsonl").write_text("\n".join(shard[:3 * 2 + 2]) + "\n")  # 2 + 2/3
     _, records = run(toy, tmp_path / "partial")
     assert records == full
@@ -172,6 +174,7 @@ def test_a_torn_last_line_is_dropped_and_reported_once(toy, tmp_path, capsys):
     _, full = run(toy, tmp_path / "full")
     shard = (tmp_path / "full" / "generations.rank0.jsonl").read_text().splitlines()
     (tmp_path / "torn").mkdir()
+    shutil.copy(tmp_path / "full" / "settings.json", tmp_path / "torn")
     (tmp_path / "torn" / "generations.rank0.jsonl").write_text("\n".join(shard[:6]) + "\n" + shard[6][:40])
     capsys.readouterr()
     _, records = run(toy, tmp_path / "torn")
@@ -213,3 +216,27 @@ def test_bad_benchmark_and_settings_are_refused(toy, tmp_path):
     run(toy, tmp_path / "o2")
     with pytest.raises(SystemExit, match="other settings"):
         run(toy, tmp_path / "o2", "--temperature", "1.0")
+
+
+def test_refuses_a_directory_it_did_not_write(toy, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("generations.jsonl", "results.json"):
+        (mine / name).write_text("precious\n")
+    with pytest.raises(SystemExit, match=r"mine: exists and is not a directory we wrote \(no settings.json\).*--out"):
+        run(toy, mine)
+    assert all((mine / name).read_text() == "precious\n" for name in ("generations.jsonl", "results.json"))
+
+
+def test_new_weights_at_the_same_path_are_not_reported_with_old_generations(toy, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(toy / "model", model)
+    E.main(["--model", str(model), "--benchmarks", str(toy / "toy" / "test.jsonl"), "--out", str(tmp_path / "o"),
+            "--samples", "2", "--max-new-tokens", "4", "--prompt", "{problem}"])
+    M.save_pretrained(M.build_model(M.Qwen2Config.from_pretrained(model), seed=1), tmp_path / "new",
+                      tokenizer_from=model)
+    shutil.rmtree(model)
+    (tmp_path / "new").rename(model)
+    with pytest.raises(SystemExit, match=r"other settings \(weights; the checkpoint's weights are not the ones"):
+        E.main(["--model", str(model), "--benchmarks", str(toy / "toy" / "test.jsonl"), "--out", str(tmp_path / "o"),
+                "--samples", "2", "--max-new-tokens", "4", "--prompt", "{problem}"])

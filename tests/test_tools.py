@@ -1,6 +1,7 @@
-"""The small command-line tools: model.py init and plot.py."""
+"""The small command-line tools: model.py init, plot.py and demo.py."""
 
 import builtins
+import shlex
 import json
 
 import pytest
@@ -20,7 +21,7 @@ def test_model_init_writes_a_loadable_random_checkpoint(tmp_path):
     assert model.num_parameters() == M.build_model(config, device="meta").num_parameters()
     assert model.model.norm.weight.abs().sum() > 0 and model.lm_head.weight.std() > 0.01  # initialized
     assert (tmp_path / "base" / "tokenizer.json").read_text() == "{}"
-    with pytest.raises(SystemExit, match="config.json: not found"):
+    with pytest.raises(SystemExit, match="nowhere: not a checkpoint directory \(no such path\)"):
         M.main(["init", "--config", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
 
 
@@ -62,3 +63,48 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
 def test_plot_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="not a train.py run directory"):
         plot.main([str(tmp_path), "--out", str(tmp_path / "fig.png")])
+
+
+def test_plot_overwrites_only_its_own_figures(tmp_path):
+    write_run(tmp_path / "a", 3, with_eval=False)
+    (tmp_path / "mine.png").write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="mine.png: exists and is not a figure plot.py wrote.*another --out"):
+        plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "mine.png")])
+    assert (tmp_path / "mine.png").read_bytes() == b"precious"
+    pytest.importorskip("matplotlib")
+    plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig.png")])
+    plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig.png")])  # its own figure: redrawn
+
+
+def test_demo_refuses_a_foreign_directory_and_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the SFT stage ends with one line; the rerun skips the finished stages and resumes training."""
+    import demo
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="mine: exists and is not an earlier demo.*another --out"):
+        demo.main(["--out", str(tmp_path / "mine")])
+
+    out = tmp_path / "demo"
+    outputs = {shlex.join(cmd): done for _, done, cmd in demo.stages(out, 4)}
+    ran = []
+
+    def fake_run(*cmd):
+        if "sft" in cmd and not ran[-1:] == ["interrupted"]:
+            ran.append("interrupted")
+            raise KeyboardInterrupt
+        ran.append(shlex.join(cmd))
+        done = outputs[shlex.join(cmd)]
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"benchmarks": {"test": {"pass@1": 0.5, "sem": 0.1, "pass@4": 0.75, "mean_tokens": 9,
+                                                            "cut_at_limit": 0, "changed_by_grading": 0}}}))
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(out)])
+    assert e.value.code == 130 and len(ran) == 4  # toy, prepare, init, then Ctrl-C in SFT
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("interrupted during the SFT stage")
+    demo.main(["--out", str(out)])
+    rerun = ran[4:]
+    assert rerun[0].startswith("train.py --stage sft") and "--resume" in rerun[0] and len(rerun) == 4
+    assert "toy corpus: done in an earlier run" in capsys.readouterr().out

@@ -202,15 +202,86 @@ def test_non_finite_loss_stops_before_the_step(toy, tmp_path, monkeypatch):
         return loss * float("nan") if len(calls) > 3 else loss
 
     monkeypatch.setattr(T.losses, "sft_loss", poisoned)
-    with pytest.raises(SystemExit, match="non-finite loss at step 3 .* stopped before the optimizer step"):
-        run(toy, tmp_path / "run", "--max-steps", "6", "--save-every", "1", "--micro-tokens", "100000")
-    assert [c.name for c in T.complete_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002",
-                                                                         "step-000003"]
+    with pytest.raises(SystemExit, match=r"diverged at step 4: non-finite loss \(nan\); stopped before the optimizer "
+                                         r"step. Its weights came from diverged-step-000003 .* The last healthy "
+                                         r"checkpoint is \S+step-000002 \(--resume continues from it\)"):
+        run(toy, tmp_path / "run", "--max-steps", "6", "--save-every", "1", "--micro-tokens", "100000",
+            "--keep-state", "2")
+    assert [c.name for c in T.complete_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002"]
+    assert (tmp_path / "run" / "diverged-step-000003" / "model").is_dir()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the error's step 4 is the step after the log's last line
+
+
+def test_divergence_is_stopped_before_its_checkpoint_is_saved(toy, tmp_path):
+    """--lr 1e10: step 1 runs at lr 0 (warmup), step 2's update blows the weights up while they stay finite."""
+    with pytest.raises(SystemExit, match=r"diverged at step 2: the update norm .* exceeds the norm of the weights "
+                                         r".* The last healthy checkpoint is \S+step-000001 \(--resume continues"):
+        run(toy, tmp_path / "run", "--lr", "1e10", "--warmup-ratio", "0.25", "--save-every", "1")
+    assert [c.name for c in T.complete_checkpoints(tmp_path / "run")] == ["step-000001"]
+    assert not (tmp_path / "run" / "final").exists()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and log[-1]["update_norm"] > 1e6
+
+
+def test_an_exploding_loss_stops_the_run(toy, tmp_path, monkeypatch):
+    real = T.losses.sft_loss
+    calls = []
+
+    def exploding(logps, n_tokens):
+        calls.append(1)
+        return real(logps, n_tokens) * (1e6 if len(calls) > 2 else 1.0)
+
+    monkeypatch.setattr(T.losses, "sft_loss", exploding)
+    with pytest.raises(SystemExit, match=r"diverged at step 3: the loss exploded to .* Its weights came from "
+                                         r"diverged-step-000002 .* last healthy checkpoint is \S+step-000001 \(its "
+                                         r"model/; its resumable state was pruned"):
+        run(toy, tmp_path / "run", "--save-every", "1", "--micro-tokens", "100000")
+    assert [c.name for c in T.complete_checkpoints(tmp_path / "run")] == ["step-000001"]
+
+
+def test_refuses_a_directory_it_did_not_write(toy, tmp_path):
+    out = tmp_path / "mine"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "notes.txt").write_text("precious")
+    (out / "metrics.jsonl").write_text('{"loss": 1}\n')
+    with pytest.raises(SystemExit, match=r"mine: exists and is not a directory we wrote \(no RUN\).*another --out"):
+        run(toy, out)
+    assert (out / "final" / "notes.txt").read_text() == "precious"
+    assert (out / "metrics.jsonl").read_text() == '{"loss": 1}\n'
+    run(toy, tmp_path / "ours", "--max-steps", "1")
+    assert (tmp_path / "ours" / T.RUN_MARKER).is_file()
+    run(toy, tmp_path / "ours", "--max-steps", "1", "--resume")  # its own run: continued (here, already done)
+
+
+def test_ctrl_c_ends_with_one_line_and_resumes(toy, tmp_path, monkeypatch, capsys):
+    real, saves = T.save_checkpoint, []
+
+    def interrupted_after_the_second(*a, **k):
+        path = real(*a, **k)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(T, "save_checkpoint", interrupted_after_the_second)
+    with pytest.raises(SystemExit) as e:
+        run(toy, tmp_path / "run", "--save-every", "1")
+    assert e.value.code == 130
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"interrupted after step 2; the newest checkpoint is {tmp_path / 'run' / 'step-000002'}: "
+                    f"rerun the same command with --resume to continue from it")
+    monkeypatch.setattr(T, "save_checkpoint", real)
+    assert [r["step"] for r in run(toy, tmp_path / "run", "--save-every", "1", "--resume")] == [1, 2, 3, 4]
 
 
 def test_bad_inputs_get_clear_errors(toy, tmp_path, tmp_path_factory):
     with pytest.raises(SystemExit, match="not a complete prepared directory"):
         T.main(["--stage", "sft", "--model", str(toy / "base"), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"nowhere: not a checkpoint directory \(no such path\)"):
+        run(toy, tmp_path / "o", model=tmp_path / "nowhere")  # said first, before the tokenizer and data checks
+    with pytest.raises(SystemExit, match=r"data: not a checkpoint directory \(no config.json in it\)"):
+        run(toy, tmp_path / "o", model=toy / "data")
     other = tmp_path_factory.mktemp("other")
     D.toy_corpus(other, n_train=20, n_test=2, seed=9)  # a different tokenizer
     M.save_pretrained(M.build_model(M.Qwen2Config.from_pretrained(other / "model")), other / "base",
@@ -219,6 +290,7 @@ def test_bad_inputs_get_clear_errors(toy, tmp_path, tmp_path_factory):
         run(toy, tmp_path / "o2", model=other / "base")
     with pytest.raises(SystemExit, match="exceeds the model's max_position_embeddings 1024"):
         run(toy, tmp_path / "o3", "--max-len", "2048")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("o")]  # no failed run left its --out behind
 
 
 def test_stage_defaults_are_the_papers():
