@@ -62,6 +62,32 @@ CHAT_TOKENS = {"qwen2": ((IM_START, IM_END, ENDOFTEXT), IM_END, ENDOFTEXT),
                "llama": ((BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT, END_OF_TEXT), EOT, END_OF_TEXT)}
 
 
+# The same templates in Jinja, as the published tokenizer_config.json files hold them (Qwen2.5's system/user/
+# assistant branch; Meta-Llama-3-Instruct's), written into saved checkpoints that lack a chat template so that
+# transformers' apply_chat_template, vLLM and lighteval prompt our models exactly as chat_template does.
+CHAT_JINJA = {
+    "qwen2": (
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{%- else %}"
+        "{{- '<|im_start|>system\\nPlease reason step by step, and put your final answer within \\\\boxed{}.<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- for message in messages %}"
+        "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"),
+    "llama": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+}
+# Llama-3.1 and later templates open every conversation with a dated system turn; ours (Llama-3.0's) does not.
+_DATED_TEMPLATE = ("Cutting Knowledge Date", "date_string", "strftime_now")
+
+
 def chat_family(model_type: str) -> str:
     """The chat template family of a checkpoint's model_type; a model without one of ours is refused rather than
     given another family's template."""
@@ -123,9 +149,15 @@ class DataError(ValueError):
     """Unusable input data: a raw file, a prepared directory or a tokenizer, named in the message."""
 
 
+# Rows an embedding may have beyond its tokenizer's tokens: checkpoints pad it to a round size (Qwen2.5: 151,665
+# tokens, 151,936 or 152,064 rows; Llama-3: none). More means the tokenizer is not the model's.
+PAD_ROWS = 1024
+
+
 def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None, family: str = "qwen2") -> Tokenizer:
     """The tokenizer.json of a checkpoint directory, checked for the special tokens of the family's chat template
-    and (given the model's vocab_size) that every id it can produce has an embedding row."""
+    and (given the model's vocab_size) that it belongs to the model: every id it can produce has an embedding
+    row, and the embedding is not far larger (a model's ids beyond the tokenizer decode to nothing)."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"{path}: not found (the checkpoint directory must hold the model's tokenizer.json)")
@@ -136,10 +168,40 @@ def load_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None, 
     for special in CHAT_TOKENS[chat_family(family)][0]:
         if tok.token_to_id(special) is None:
             raise DataError(f"{path}: has no {special} token, so it cannot encode the {family} chat template")
-    if vocab_size is not None and tok.get_vocab_size() > vocab_size:
-        raise DataError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the model's embedding "
-                        f"has {vocab_size} rows: tokenizer and model do not match")
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if vocab_size is not None and not vocab_size - PAD_ROWS <= n <= vocab_size:
+        raise DataError(f"{path}: the tokenizer has {n:,} tokens (added ones included) but the model's embedding "
+                        f"has {vocab_size:,} rows: tokenizer and model do not belong together (a model's embedding "
+                        f"covers its tokenizer, plus at most {PAD_ROWS} rows of padding)")
     return tok
+
+
+def template_note(model_dir: str | os.PathLike, family: str) -> str | None:
+    """A note for a Llama-3.1+ checkpoint whose own chat template adds a dated system turn: we prompt it with
+    Llama-3.0's header template (chat_template) in training and evaluation alike, as the paper's Appendix D.2
+    does with Llama-3.2-3B-Instruct; said once, so that nobody takes one template for the other."""
+    if family != "llama":
+        return None
+    model_dir = Path(model_dir)
+    own = (model_dir / "chat_template.jinja").read_text() if (model_dir / "chat_template.jinja").is_file() else ""
+    try:
+        own += json.dumps(json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        pass  # no (readable) tokenizer_config.json: no template of its own to compare with
+    if not any(marker in own for marker in _DATED_TEMPLATE):
+        return None
+    return (f"note: {model_dir}'s own chat template (Llama-3.1+) opens with a dated system turn (\"Cutting Knowledge "
+            f"Date\"); redi uses Llama-3.0's header template without it (data.chat_template), for training and "
+            f"evaluation alike, as the paper's Appendix D.2 does")
+
+
+def tokenizer_config(family: str) -> dict[str, Any]:
+    """A tokenizer_config.json for a checkpoint whose source has none: the family's chat template and special
+    tokens, so transformers' AutoTokenizer (and vLLM, lighteval) read our tokenizer.json with our template."""
+    specials, end_turn, end_text = CHAT_TOKENS[chat_family(family)]
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_JINJA[family],
+            "bos_token": BEGIN_OF_TEXT if family == "llama" else None, "eos_token": end_turn, "pad_token": end_text,
+            "additional_special_tokens": list(specials), "clean_up_tokenization_spaces": False}
 
 
 def stop_ids(tok: Tokenizer, family: str) -> list[int]:
@@ -302,7 +364,9 @@ def _bools(values: pa.Array) -> np.ndarray:
 # Each row is brought into OpenR1's flat layout, so the paper's rules and counts apply unchanged: the problem is
 # valid, the row's labels stand for both verifiers' (traces: `correct`; pairs: [chosen, rejected] labelled
 # [true, false], a {problem, response} row is [response] labelled [true]). A missing field is an error naming
-# the file and row; a null one is counted by the rule it fails, as a null is in OpenR1.
+# the file and row; a null one is counted by the rule it fails, as a null is in OpenR1. A trace that is not a
+# string (traces: a null one too) becomes a null trace, which the selection counts as a malformed row when
+# chosen (Counts.bad_trace), as it does an empty one.
 
 RAW_FORMATS = ("openr1", "traces", "pairs")
 _FLAT = pa.schema([("problem", pa.large_string()), ("problem_is_valid", pa.string()), ("source", pa.string()),
@@ -327,15 +391,16 @@ def _as_flat_row(row: dict, fmt: str, where: str) -> dict:
     problem = field("problem", is_str, "a string")
     source = field("source", is_str, "a string", required=False)
     if fmt == "traces":
-        gens = field("generations", lambda v: isinstance(v, list) and all(map(is_str, v)), "a list of strings")
+        gens = field("generations", lambda v: isinstance(v, list), "a list of strings")
+        gens = gens if gens is None else [g if is_str(g) else None for g in gens]
         correct = field("correct", lambda v: isinstance(v, list) and all(c is None or isinstance(c, bool) for c in v),
                         "a list of booleans")
     else:
         if ("chosen" in row) == ("response" in row):
             raise DataError(f"{where}: a pairs row has 'chosen' (and 'rejected') or 'response', exactly one of them")
-        chosen = field("chosen" if "chosen" in row else "response", is_str, "a string")
-        rejected = field("rejected", is_str, "a string", required="chosen" in row)
-        gens = [t for t in (chosen, rejected) if t is not None]
+        chosen = field("chosen" if "chosen" in row else "response", lambda v: True, "")
+        rejected = field("rejected", lambda v: True, "", required="chosen" in row)
+        gens = [t if is_str(t) else None for t in (chosen, rejected) if t is not None]
         correct = [True] * (chosen is not None) + [False] * (rejected is not None)
     return {"problem": problem, "problem_is_valid": "yes", "source": source, "generations": gens,
             "correctness_llama": correct, "correctness_math_verify": correct}
@@ -397,6 +462,7 @@ class Counts:
     no_generations: int = 0
     label_mismatch: int = 0  # label lists missing or not as long as the generations
     no_correct: int = 0  # no trace that both verifiers accept
+    bad_trace: int = 0  # the chosen or rejected trace is null, empty or not a string: a malformed row
     sft: int = 0
     no_incorrect: int = 0  # every trace accepted: no negative for D_Pref
     pref_candidates: int = 0
@@ -421,6 +487,8 @@ def select_batch(batch: pa.RecordBatch, layout: str, counts: Counts) -> list[tup
     llama, math_verify = _labels(batch, layout)
     n_llama = pc.fill_null(pc.list_value_length(llama), -1).to_numpy(zero_copy_only=False)
     n_mv = pc.fill_null(pc.list_value_length(math_verify), -1).to_numpy(zero_copy_only=False)
+    has_text = pc.fill_null(pc.greater(pc.utf8_length(gens.values), 0), False).to_numpy(zero_copy_only=False)
+    gen_off = gens.offsets.to_numpy()
 
     # The rules in the authors' order; each row is counted under the first rule that removes it.
     keep = np.ones(n, dtype=bool)
@@ -438,9 +506,12 @@ def select_batch(batch: pa.RecordBatch, layout: str, counts: Counts) -> list[tup
         if not correct.any():
             counts.no_correct += 1
             continue
-        counts.sft += 1
         first_correct = int(correct.argmax())
         first_incorrect = int((~correct).argmax()) if not correct.all() else -1
+        if not all(has_text[gen_off[r] + g] for g in (first_correct, first_incorrect) if g >= 0):
+            counts.bad_trace += 1
+            continue
+        counts.sft += 1
         if first_incorrect < 0:
             counts.no_incorrect += 1
         else:
@@ -554,6 +625,8 @@ def prepare(raw: list[str | os.PathLike], model_dir: str | os.PathLike, out: str
     config = model_lib.Qwen2Config.from_pretrained(model_dir)
     family = chat_family(config.model_type)
     tok = load_tokenizer(model_dir, config.vocab_size, family)
+    if note := template_note(model_dir, family):
+        log(note)
     manifest = {"format": FORMAT_VERSION, "inputs": inputs_fingerprint(files),
                 "tokenizer": file_sha256(Path(model_dir) / "tokenizer.json"),
                 "params": {k: getattr(cfg, k) for k in ("seed", "max_prompt_tokens", "max_response_tokens")}}
@@ -691,6 +764,7 @@ def _print_counts(c: Counts, cfg: PrepareConfig, log=print) -> None:
              ("  removed: no generations", -c.no_generations),
              ("  removed: label lists missing or mismatched", -c.label_mismatch),
              ("  removed: no correct trace", -c.no_correct),
+             ("  removed: chosen or rejected trace null or empty", -c.bad_trace),
              ("D_SFT (paper: 77,629)", c.sft),
              ("  removed: no incorrect trace", -c.no_incorrect),
              ("  removed: prompt > %d tokens" % cfg.max_prompt_tokens, -c.prompt_too_long),

@@ -105,6 +105,8 @@ def load_benchmark(spec: str) -> tuple[str, list[dict]]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise data_lib.DataError(f"{path}:{i + 1}: a benchmark line needs `problem` and `answer` ({e})") from None
         rows.append({"id": str(row.get("id", i)), "problem": str(problem), "answer": str(answer)})
+    if not rows:
+        raise data_lib.DataError(f"{path}: holds no problems; a benchmark needs at least one")
     if len({r["id"] for r in rows}) != len(rows):
         raise data_lib.DataError(f"{path}: ids are not unique")
     return (spec if spec in BENCHMARKS else path.stem), rows
@@ -118,6 +120,16 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
     for file in sorted(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]:
         h.update(f"{file.name}:{data_lib.file_sha256(file)}\n".encode())
     return h.hexdigest()
+
+
+def eta_seconds(finish_times: list[float], total: int, window: int = 64) -> float | None:
+    """Seconds left at the pace of the last `window` problems (their finishing times). The first problem's time
+    includes the warm-up (compilation, the KV pool), so an ETA over all problems started hours too long for a
+    minute's run; none is given until three problems are done, the first one's time left out."""
+    if len(finish_times) < 3:
+        return None
+    recent = finish_times[-window:] if len(finish_times) > window else finish_times[1:]
+    return (recent[-1] - recent[0]) / (len(recent) - 1) * (total - len(finish_times))
 
 
 def problem_key(bench: str, problem_id: str) -> int:
@@ -192,6 +204,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "grader); lenient: also search the thinking part. Both are computed and reported; this one "
                         "counts. Not a generation setting: rerun with the same --out to regrade.")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
     if "{problem}" not in args.prompt:
         p.error("--prompt must contain {problem}")
     args.ks = sorted({int(k) for k in args.pass_k.split(",")} if args.pass_k else {1, args.samples})
@@ -216,12 +230,15 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
         model_lib.check_replaceable(out, SETTINGS_FILE, "choose another --out (evaluate.py writes only into a new "
                                                         "or empty directory, or one of its own evaluations)")
         benches = [load_benchmark(spec.strip()) for spec in args.benchmarks.split(",") if spec.strip()]
+        config = model_lib.Qwen2Config.from_pretrained(args.model)
+        family = data_lib.chat_family(config.model_type)  # the checkpoint's own chat template
+        tok = data_lib.load_tokenizer(args.model, config.vocab_size, family)  # before the weights: it fails fast
         model = model_lib.load_pretrained(args.model, device=device,
                                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        family = data_lib.chat_family(model.config.model_type)  # the checkpoint's own chat template
-        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size, family)
     except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    if note := data_lib.template_note(args.model, family):
+        log(note)
     if rank == 0:
         args.weights = checkpoint_fingerprint(args.model)
         settings = {k: getattr(args, k) for k in SETTINGS}
@@ -233,7 +250,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
             raise SystemExit(f"error: {out} holds generations made with other settings ({', '.join(changed)}{why}); "
                              f"use another --out")
         out.mkdir(parents=True, exist_ok=True)
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        settings_path.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n")
         drop_torn_tails(out, log)
     dist.barrier()
     # Ranks finish sampling hours apart (and rank 0 then grades for minutes), but a collective on the default
@@ -255,7 +272,8 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
                for _, row in mine]
     keys = [problem_key(name, row["id"]) for name, row in mine]
     pending: dict[int, list] = defaultdict(list)
-    generated, finished, t0, last_log = 0, 0, time.time(), 0.0
+    generated, t0, last_log = 0, time.time(), 0.0
+    finish_times: list[float] = []
     sampler = sample_lib.Sampler(model, kv_gib=args.kv_gib, max_slots=args.max_slots)
     with open(out / f"generations.rank{rank}.jsonl", "a") as f:
         for i, j, tokens in sampler.stream(prompts, params, n=args.samples, keys=keys):
@@ -267,15 +285,16 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
             for j, toks in sorted(pending.pop(i), key=lambda x: x[0]):
                 cut = len(toks) >= args.max_new_tokens and toks[-1] not in stops
                 f.write(json.dumps({"benchmark": name, "id": row["id"], "sample": j, "tokens": len(toks),
-                                    "cut": cut, "completion": tok.decode(toks, skip_special_tokens=True)}) + "\n")
+                                    "cut": cut, "completion": tok.decode(toks, skip_special_tokens=True)},
+                                   allow_nan=False) + "\n")
             f.flush()  # a whole problem at a time, so a rerun never sees half of one
-            finished += 1
-            if time.time() - last_log > 10 or finished == len(mine):
-                last_log = time.time()
-                rate = generated / (last_log - t0)
-                eta = (last_log - t0) / finished * (len(mine) - finished)
-                log(f"  rank 0: {finished}/{len(mine)} problems, {rate:,.0f} generated tokens/s, "
-                    f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            finish_times.append(time.time())
+            if finish_times[-1] - last_log > 10 or len(finish_times) == len(mine):
+                last_log = finish_times[-1]
+                eta = eta_seconds(finish_times, len(mine))
+                log(f"  rank 0: {len(finish_times)}/{len(mine)} problems, "
+                    f"{generated / (last_log - t0):,.0f} generated tokens/s, eta "
+                    f"{'(after a few problems)' if eta is None else time.strftime('%H:%M:%S', time.gmtime(eta))}")
     dist.barrier(group=finish_line)
     if rank == 0:
         report(args, out, benches, problems)
@@ -300,7 +319,7 @@ def report(args, out: Path, benches, problems) -> None:
             rec |= {"gold": gold[(rec["benchmark"], rec["id"])], "answer": graded.answers[k],
                     "correct": graded.correct[k], "verify_timeout": graded.timed_out[k],
                     "correct_by_rule": {rule: by_rule[rule].correct[k] for rule in GRADING}}
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
     results = {"model": args.model, "settings": {k: getattr(args, k) for k in SETTINGS}, "grading": args.grading,
                "benchmarks": {}}
     for name, _ in benches:
@@ -316,7 +335,7 @@ def report(args, out: Path, benches, problems) -> None:
     results["average"] = {"pass@1": float(np.mean(scores))} | {
         f"pass@{k}": float(np.mean([m[f"pass@{k}"] for m in results["benchmarks"].values()]))
         for k in args.ks if k <= args.samples}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     changed = sum(m["changed_by_grading"] for m in results["benchmarks"].values())
     print(f"grading: {args.grading} rule; the {other} rule would change {changed} of {len(records)} verdicts")
     print(format_table(results, args.ks))

@@ -767,11 +767,26 @@ def save_state_dict(state: dict[str, Tensor], config: Qwen2Config, path: str | o
             for name in _TOKENIZER_FILES:
                 if (Path(tokenizer_from) / name).is_file():
                     shutil.copyfile(Path(tokenizer_from) / name, tmp / name)
+            _add_chat_template(tmp, config.model_type)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
     replace_dir(tmp, path)
+
+
+def _add_chat_template(path: Path, model_type: str) -> None:
+    """Give a checkpoint whose tokenizer came without a chat template our family's (data.tokenizer_config), so
+    that transformers, vLLM and lighteval prompt it as we trained it. A template of its own is left alone."""
+    import data  # data.py imports this module: import it only when it is needed
+
+    config_file = path / "tokenizer_config.json"
+    if model_type not in data.CHAT_TOKENS or not (path / "tokenizer.json").is_file() \
+            or (path / "chat_template.jinja").is_file():
+        return
+    own = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "chat_template" not in own:
+        config_file.write_text(json.dumps(data.tokenizer_config(model_type) | own, indent=2) + "\n")
 
 
 def check_replaceable(path: str | os.PathLike, marker: str, hint: str = "choose another path") -> None:

@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     panels = [("acc", "accuracy of checkpoints (%)"), ("chosen", "chosen LogPS"), ("rejected", "rejected LogPS"),
               ("update", "update norm ||θ_t − θ_t−1||")]
     for ax, (key, title) in zip(axes, panels):
-        for run, label in zip(runs, labels):
+        for i, (run, label) in enumerate(zip(runs, labels)):
             xs = run["acc_step"] if key == "acc" else run["step"]
             ys = run[key]
-            if ys and all(y is not None for y in ys):
-                ax.plot(xs, ys, marker="o" if key == "acc" else None, markersize=4, label=label)
+            if ys and all(y is not None for y in ys):  # a run's colour is its own in every panel
+                ax.plot(xs, ys, marker="o" if key == "acc" else None, markersize=4, label=label, color=f"C{i}")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[-1].legend()  # the update norm is in every run's metrics, so every run is in this legend
     if args.title:
         fig.suptitle(args.title)
     fig.tight_layout()

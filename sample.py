@@ -647,12 +647,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        config = model_lib.Qwen2Config.from_pretrained(args.model)
+        family = data_lib.chat_family(config.model_type)
+        tok = data_lib.load_tokenizer(args.model, config.vocab_size, family)  # before the weights: it fails fast
         model = model_lib.load_pretrained(args.model, device=device,
                                           dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-        family = data_lib.chat_family(model.config.model_type)
-        tok = data_lib.load_tokenizer(args.model, model.config.vocab_size, family)
     except (data_lib.DataError, model_lib.ConfigError, model_lib.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    if not args.raw and (note := data_lib.template_note(args.model, family)):
+        print(note)
     text = args.prompt if args.raw else (data_lib.eval_prompt_text(args.prompt, family=family) if args.think
                                          else data_lib.prompt_text(args.prompt, family))
     prompt = tok.encode(text, add_special_tokens=False).ids

@@ -387,7 +387,8 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
             raise SystemExit(f"error: {out} already holds checkpoints; pass --resume to continue, or another --out")
         for path in (args.model, args.ref_model):  # the checkpoint paths first: the other checks read them
             if path is not None:
-                model_lib.Qwen2Config.from_pretrained(path)
+                config = model_lib.Qwen2Config.from_pretrained(path)
+                data_lib.load_tokenizer(path, config.vocab_size, data_lib.chat_family(config.model_type))
         data = data_lib.TokenData(args.data, "pref" if pref else "sft")
         data.check_tokenizer(args.model)
         loader = data_lib.Loader(data, batch_size=args.batch_size, max_tokens=args.micro_tokens,
@@ -487,7 +488,9 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         record["eta_s"] = round(float(np.mean(step_times[-20:])) * (total - step - 1))
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                # non-finite values as null: strict JSON (the divergence check below stops the run on them)
+                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                    for k, v in record.items()}, allow_nan=False) + "\n")
             if (step + 1) % args.log_every == 0 or step + 1 == total:
                 log(format_record(record, total))
         if not update_norm <= MAX_UPDATE_RATIO * weight_norm:  # before this step's checkpoint is saved

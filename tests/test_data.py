@@ -286,7 +286,7 @@ def test_tokenizer_that_does_not_match_the_model(tmp_path, toy, qwen_dir):
     mixed.mkdir()
     shutil.copy(toy / "model" / "config.json", mixed / "config.json")  # 448 embedding rows
     shutil.copy(qwen_dir / "tokenizer.json", mixed / "tokenizer.json")  # 151,665 tokens
-    with pytest.raises(D.DataError, match=r"151665 tokens but the model's embedding has 448 rows"):
+    with pytest.raises(D.DataError, match=r"151,665 tokens \(added ones included\) but the model's embedding has 448 rows"):
         D.prepare([tmp_path / "raw.parquet"], mixed, tmp_path / "out")
     (mixed / "tokenizer.json").write_text("{}")
     with pytest.raises(D.DataError, match="not a valid tokenizers file"):

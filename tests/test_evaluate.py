@@ -240,3 +240,22 @@ def test_new_weights_at_the_same_path_are_not_reported_with_old_generations(toy,
     with pytest.raises(SystemExit, match=r"other settings \(weights; the checkpoint's weights are not the ones"):
         E.main(["--model", str(model), "--benchmarks", str(toy / "toy" / "test.jsonl"), "--out", str(tmp_path / "o"),
                 "--samples", "2", "--max-new-tokens", "4", "--prompt", "{problem}"])
+
+
+def test_an_empty_benchmark_is_refused_and_results_are_strict_json(toy, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match="empty.jsonl: holds no problems"):
+        E.main(["--model", str(toy / "model"), "--benchmarks", str(tmp_path / "empty.jsonl"), "--out",
+                str(tmp_path / "out"), "--samples", "2"])
+    assert not (tmp_path / "out").exists()
+    results, _ = run(toy, tmp_path / "ok", "--limit", "2")
+    json.loads((tmp_path / "ok" / "results.json").read_text(), parse_constant=lambda c: 1 / 0)  # no NaN, no Infinity
+
+
+def test_the_eta_leaves_out_the_warm_up_and_settles_fast():
+    """A first problem that takes 100 s (compilation), then one a second: the ETA is the pace after the first."""
+    times = [100.0 + i for i in range(10)]
+    assert E.eta_seconds(times[:2], 1000) is None  # too early to tell
+    assert E.eta_seconds(times[:3], 1000) == pytest.approx(997.0)
+    assert E.eta_seconds(times, 1000) == pytest.approx(990.0)
+    assert E.eta_seconds(times + [200.0 + i for i in range(100)], 1000, window=10) == pytest.approx(890.0)

@@ -97,6 +97,61 @@ def test_qwen25_template_is_byte_identical_to_transformers(toy, messages, gen):
     assert D.chat_template(messages, add_generation_prompt=gen, family="qwen2") == expected
 
 
+def test_the_code_holds_the_published_jinja_templates():
+    from test_data import QWEN25_JINJA
+    assert D.CHAT_JINJA == {"qwen2": QWEN25_JINJA, "llama": LLAMA3_JINJA}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_saved_checkpoints_carry_the_chat_template_for_transformers(toy, llama_dir, tmp_path, family):
+    """AutoTokenizer on what we save formats chats byte for byte as data.py does, and marks our special tokens."""
+    source = llama_dir if family == "llama" else toy / "model"
+    assert not (source.parent / "tokenizer_config.json").exists()  # the sources come without one
+    if family == "qwen2":
+        source = tmp_path / "base"
+        M.main(["init", "--config", str(toy / "model"), "--out", str(source)])
+    M.save_pretrained(M.load_pretrained(source), tmp_path / "saved")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for messages in MESSAGES:
+        for gen in (False, True):
+            assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == \
+                D.chat_template(messages, add_generation_prompt=gen, family=family)
+    end_turn = D.CHAT_TOKENS[family][1]
+    assert hf.eos_token == end_turn and hf.convert_tokens_to_ids(end_turn) in D.stop_ids(D.load_tokenizer(
+        tmp_path / "saved", family=family), family)
+    own = {"chat_template": "{{ 'theirs' }}", "eos_token": end_turn}
+    (tmp_path / "saved" / "tokenizer_config.json").write_text(json.dumps(own))
+    M.save_pretrained(M.load_pretrained(tmp_path / "saved"), tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text()) == own  # a template of its own stays
+
+
+def test_a_dated_llama_template_gets_one_note(llama_dir, tmp_path, capsys):
+    import sample as S
+    assert D.template_note(llama_dir, "llama") is None
+    d = tmp_path / "llama31"
+    M.save_pretrained(M.load_pretrained(llama_dir), d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{- bos_token }}{%- set date_string = strftime_now('%d %b %Y') %}" \
+                              "{{- 'Cutting Knowledge Date: December 2023' }}"
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    S.main(["--model", str(d), "--prompt", "1+1", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.count("Llama-3.0's header template") == 1
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(toy, tmp_path):
+    """A 448-token tokenizer with a model of 151,936 embeddings: its ids beyond the tokenizer decode to nothing."""
+    import sample as S
+    config = M.Qwen2Config(vocab_size=151_936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    M.save_pretrained(M.build_model(config), tmp_path / "big", tokenizer_from=toy / "model")
+    with pytest.raises(SystemExit, match="tokenizer and model do not belong together"):
+        S.main(["--model", str(tmp_path / "big"), "--prompt", "1+1", "--max-new-tokens", "2"])
+    with pytest.raises(SystemExit, match="tokenizer and model do not belong together"):
+        E.main(["--model", str(tmp_path / "big"), "--benchmarks", str(toy / "test.jsonl"), "--out",
+                str(tmp_path / "eval"), "--samples", "1", "--max-new-tokens", "2"])
+    assert not (tmp_path / "eval").exists()
+
+
 def test_family_decides_prompts_stops_and_lengths(llama_dir):
     tok = D.load_tokenizer(llama_dir, family="llama")
     assert D.eval_prompt_text("x", family="llama") == D.prompt_text("x", "llama") + "<think>\n" == \
@@ -219,6 +274,33 @@ def test_null_fields_are_counted_like_openr1_nulls(toy, tmp_path):
     with pytest.raises(D.DataError, match="exactly one of them"):
         (tmp_path / "p.jsonl").write_text('{"problem": "p", "chosen": "a", "response": "b"}\n')
         D.prepare([tmp_path / "p.jsonl"], toy / "model", tmp_path / "p", D.PrepareConfig(format="pairs"))
+
+
+def test_null_empty_or_non_string_traces_are_counted_malformed_rows(toy, tmp_path):
+    """A chosen (or rejected) trace that is null, empty or not a string removes its row, counted, in every
+    format; one that is never chosen does not matter."""
+    quiet = lambda *a: None  # noqa: E731
+    labels = {"llama_verification": [True, False], "math_verify_reparsed_answer": [True, False]}
+    raw = [{"problem": f"p{i}", "problem_is_valid": "Yes", "source": "amc", "generations": gens,
+            "correctness": labels} for i, gens in enumerate([[None, "b"], ["", "b"], ["a", None], ["a", "b"]])]
+    pq.write_table(pa.Table.from_pylist(raw), tmp_path / "raw.parquet")
+    counts = D.prepare([tmp_path / "raw.parquet"], toy / "model", tmp_path / "openr1", log=quiet)
+    assert (counts.rows, counts.bad_trace, counts.sft, counts.pref) == (4, 3, 1, 1)
+
+    traces = [{"problem": "p", "generations": gens, "correct": [True, False, True]}
+              for gens in ([None, "b", "c"], ["", "b", "c"], [5, "b", "c"], ["a", {"x": 1}, "c"], ["a", "b", None])]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in traces))
+    counts = D.prepare([tmp_path / "t.jsonl"], toy / "model", tmp_path / "traces", D.PrepareConfig(format="traces"),
+                       log=quiet)
+    assert (counts.rows, counts.bad_trace, counts.sft, counts.pref) == (5, 4, 1, 1)
+
+    pairs = [{"problem": "p", "chosen": "", "rejected": "b"}, {"problem": "p", "chosen": 3, "rejected": "b"},
+             {"problem": "p", "chosen": "a", "rejected": ["b"]}, {"problem": "p", "response": ""},
+             {"problem": "p", "chosen": "a", "rejected": "b"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    counts = D.prepare([tmp_path / "p.jsonl"], toy / "model", tmp_path / "pairs", D.PrepareConfig(format="pairs"),
+                       log=quiet)
+    assert (counts.rows, counts.bad_trace, counts.sft, counts.pref) == (5, 4, 1, 1)
 
 
 # -----------------------------------------------------------------------------

@@ -108,3 +108,41 @@ def test_demo_refuses_a_foreign_directory_and_resumes_after_ctrl_c(tmp_path, mon
     rerun = ran[4:]
     assert rerun[0].startswith("train.py --stage sft") and "--resume" in rerun[0] and len(rerun) == 4
     assert "toy corpus: done in an earlier run" in capsys.readouterr().out
+
+
+def test_every_run_has_its_label_and_one_colour(tmp_path, monkeypatch):
+    """Runs without an eval/ folder are in the legend too, each in one colour across the panels (a stand-in
+    pyplot records the calls, so this runs without matplotlib)."""
+    import sys
+    import types
+    calls = []
+
+    class Axis:
+        def __init__(self, index):
+            self.index = index
+
+        def plot(self, xs, ys, **kw):
+            calls.append(("plot", self.index, kw["label"], kw.get("color")))
+
+        def legend(self):
+            calls.append(("legend", self.index, None, None))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class Figure:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    pyplot = types.SimpleNamespace(subplots=lambda *a, **k: (Figure(), [Axis(i) for i in range(4)]))
+    matplotlib = types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot)
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    write_run(tmp_path / "a", 5, with_eval=True)
+    write_run(tmp_path / "b", 4, with_eval=False)
+    write_run(tmp_path / "c", 4, with_eval=True)
+    plot.main([str(tmp_path / r) for r in "abc"] + ["--out", str(tmp_path / "fig.png")])
+    [(_, legend_axis, _, _)] = [c for c in calls if c[0] == "legend"]
+    assert [c[2] for c in calls if c[0] == "plot" and c[1] == legend_axis] == ["a", "b", "c"]
+    colours = {(c[2], c[3]) for c in calls if c[0] == "plot"}
+    assert len(colours) == 3 and len({colour for _, colour in colours}) == 3
