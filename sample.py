@@ -153,21 +153,24 @@ class PagedKVCache:
     with a boolean mask; there compiling flex_attention costs more than the copy. Both are exact.
 
     Block 0 is scratch: table padding points there. Attention reads the masked tail of a row's last block
-    too (uncompiled flex_attention even reads the whole pool), and 0 * NaN is NaN, so the pool starts zeroed
-    and blocks are zeroed again when handed out (in one write, before the next forward): what a masked
-    position holds is always finite, whatever an earlier owner of its block wrote.
+    too, and 0 * NaN is NaN, so blocks are zeroed when handed out (in one write, before the next forward)
+    rather than the whole pool up front: what a masked position holds is always finite, whatever an earlier
+    owner of its block wrote. (Uncompiled flex_attention, the in-place path on CPU, reads the whole pool, so
+    there the pool starts zeroed.)
     """
 
     def __init__(self, config: model_lib.Qwen2Config, n_blocks: int, block_size: int, *,
                  device: torch.device | str, dtype: torch.dtype, in_place: bool | None = None) -> None:
         self.device = torch.device(device)
         shape = (config.num_hidden_layers, config.num_key_value_heads, n_blocks * block_size, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # finite everywhere: see below
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.in_place = self.device.type == "cuda" if in_place is None else in_place
+        # uncompiled flex_attention (in place on CPU) reads the whole pool: it must be finite everywhere
+        alloc = torch.zeros if self.in_place and self.device.type == "cpu" else torch.empty
+        self.k = alloc(shape, device=device, dtype=dtype)
+        self.v = alloc(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.n_blocks = n_blocks
         self.group = config.num_attention_heads // config.num_key_value_heads  # queries per KV head in decoding
-        self.in_place = self.device.type == "cuda" if in_place is None else in_place
         self.free = list(range(n_blocks - 1, 0, -1))
         self.refs = [0] * n_blocks
         self.fresh = [0]  # blocks to zero before the next forward
@@ -287,15 +290,15 @@ class PagedKVCache:
         """Write k, v (B, Hkv, T, hd) at their pool rows; return what this forward's mask indexes: the new keys
         themselves (prefill), the whole pool (1, Hkv, S_pool, hd) (in place) or the gathered rows (B, Hkv, S, hd)."""
         B, Hkv, T, hd = k.shape
-        self.k[layer][:, self._write] = k.transpose(0, 1).reshape(Hkv, B * T, hd)
-        self.v[layer][:, self._write] = v.transpose(0, 1).reshape(Hkv, B * T, hd)
+        self.k[layer].index_copy_(1, self._write, k.transpose(0, 1).reshape(Hkv, B * T, hd))
+        self.v[layer].index_copy_(1, self._write, v.transpose(0, 1).reshape(Hkv, B * T, hd))
         if self._slots_written is not None:
             return k, v
         if self.in_place:
             return self.k[layer][None], self.v[layer][None]
         read = self._read.flatten()
-        return (self.k[layer][:, read].view(Hkv, B, -1, hd).transpose(0, 1),
-                self.v[layer][:, read].view(Hkv, B, -1, hd).transpose(0, 1))  # (B, Hkv, S, hd)
+        return (self.k[layer].index_select(1, read).view(Hkv, B, -1, hd).transpose(0, 1),
+                self.v[layer].index_select(1, read).view(Hkv, B, -1, hd).transpose(0, 1))  # (B, Hkv, S, hd)
 
 
 # -----------------------------------------------------------------------------
