@@ -175,7 +175,7 @@ class PagedKVCache:
         self.refs = [0] * n_blocks
         self.fresh = [0]  # blocks to zero before the next forward
         self._slots_written: Tensor | None = None  # prefill: the pool rows of the new tokens
-        self.rows = 0  # decode buffers' capacity (rows), allocated on first use
+        self.rows = 0  # decode buffers' capacity in rows (decode_buffers: once, by the Sampler)
 
     @staticmethod
     def bytes_per_token(config: model_lib.Qwen2Config, dtype: torch.dtype) -> int:
