@@ -959,74 +959,38 @@ class Loader:
 # -----------------------------------------------------------------------------
 # The toy corpus: small synthetic math in the raw OpenR1 schema
 #
-# Problems are two-operation arithmetic ("7 + 5 \times 3") and linear equations ("3x - 4 = 11"). A teacher
-# trace works it out step by step in <think>...</think> and ends with the paper's format line. Wrong traces
-# carry the mistakes real ones do: ignoring the order of operations, a dropped carry, a flipped sign.
+# Problems are running sums of 3 to 5 single digits ("Compute $6 + 5 + 3 + 3$."). A teacher trace adds them
+# one line at a time in <think>...</think> and ends with the paper's format line. A wrong trace slips once, at
+# a random step, as real ones do: a dropped or extra carry, a miscopied addend, or a subtraction instead of an
+# addition; the steps after the slip are correct arithmetic on the wrong running total. The task is small
+# enough for the toy model to learn to ~97% in the demo's SFT, so stage 2 starts from a converged model.
 
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "\\times": lambda a, b: a * b}
 _ANSWER_LINE = "Therefore, the final answer is: $\\boxed{%s}$. I hope it is correct"
 # Splits text into pre-tokens exactly as Qwen2's tokenizer does (digits one by one, words, punctuation runs).
 _QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _slip(rng: np.random.Generator, value: int) -> int:
-    """A dropped or extra carry: off by ten when there is a tens digit, else off by one."""
-    return value + int(rng.choice([-1, 1])) * (10 if abs(value) >= 10 else 1)
-
-
-def _arithmetic(rng: np.random.Generator) -> tuple[str, str, callable]:
-    a, b, c = (int(x) for x in rng.integers(2, 10, size=3))
-    op1, op2 = (str(x) for x in rng.choice(list(_OPS), size=2))
-    f1, f2 = _OPS[op1], _OPS[op2]
-    multiply_first = op2 == "\\times" and op1 != "\\times"
-    gold = f1(a, f2(b, c)) if multiply_first else f2(f1(a, b), c)
-
-    def trace(mistake: str | None) -> tuple[str, int]:
-        mult = multiply_first and mistake != "order"  # the "order" mistake ignores precedence
-        x, op, y = (b, op2, c) if mult else (a, op1, b)
-        m = _OPS[op](x, y)
-        if mistake == "carry":
-            m = _slip(rng, m)
-        elif mistake == "sign":
-            m = -m
-        x2, op2_, y2 = (a, op1, m) if mult else (m, op2, c)
-        result = _OPS[op2_](x2, y2)
-        note = "Multiplication comes first." if mult else "Work from left to right."
-        return f"{note}\n{x} {op} {y} = {m}.\n{x2} {op2_} {y2} = {result}.", result
-
-    return f"Compute ${a} {op1} {b} {op2} {c}$.", str(gold), trace
-
-
-def _linear(rng: np.random.Generator) -> tuple[str, str, callable]:
-    a = int(rng.integers(2, 6))
-    x = int(rng.integers(-9, 10))
-    b = int(rng.integers(-9, 10))
-    c = a * x + b
-    sign, mag = ("+", b) if b >= 0 else ("-", -b)
-    problem = f"Solve for $x$: ${a}x {sign} {mag} = {c}$."
-
-    def trace(mistake: str | None) -> tuple[str, int]:
-        moved = "Subtract" if b >= 0 else "Add"
-        rhs = c - b if mistake != "sign" else c + b
-        if mistake == "carry":
-            rhs = _slip(rng, rhs)
-        steps = [f"{moved} {mag} on both sides: ${a}x = {rhs}$."]
-        if mistake == "order":  # divides before moving the constant
-            result = c // a - b
-            steps = [f"Divide both sides by {a}: $x {sign} {mag} = {c // a}$.", f"So $x = {result}$."]
-        else:
-            result = rhs // a if rhs % a == 0 else rhs / a
-            steps.append(f"Divide both sides by {a}: $x = {result if isinstance(result, int) else f'{rhs}/{a}'}$.")
-        answer = result if isinstance(result, int) else f"\\frac{{{rhs}}}{{{a}}}"
-        return "\n".join(steps), answer
-
-    return problem, str(x), trace
+TOY_MISTAKES = ("carry", "addend", "sign")
+TOY_PROBLEMS = 9 ** 3 + 9 ** 4 + 9 ** 5  # distinct problems toy_problem can draw
 
 
 def toy_problem(rng: np.random.Generator) -> tuple[str, str, callable]:
-    """(problem, gold answer, trace(mistake) -> (reasoning, final answer))."""
-    return _arithmetic(rng) if rng.random() < 0.6 else _linear(rng)
+    """(problem, gold answer, trace(mistake) -> (reasoning, final answer)); mistake is None or in TOY_MISTAKES."""
+    terms = [int(x) for x in rng.integers(1, 10, size=int(rng.integers(3, 6)))]
+
+    def trace(mistake: str | None) -> tuple[str, int]:
+        slip = int(rng.integers(1, len(terms)))  # the step that goes wrong, when one does
+        total, lines = terms[0], []
+        for i, term in enumerate(terms[1:], 1):
+            if mistake == "addend" and i == slip:
+                term += int(rng.choice([-1, 1]))
+            new = total - term if mistake == "sign" and i == slip else total + term
+            if mistake == "carry" and i == slip:
+                new += int(rng.choice([-1, 1])) * (10 if new >= 10 else 1)
+            lines.append(f"{total} + {term} = {new}.")
+            total = new
+        return "\n".join(lines), total
+
+    return f"Compute ${' + '.join(map(str, terms))}$.", str(sum(terms)), trace
 
 
 def toy_trace(reasoning: str, answer) -> str:
@@ -1043,17 +1007,18 @@ def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200
     earlier toy corpus (it holds TOY_MARKER), so no file of the user's is overwritten."""
     out = Path(out)
     model_lib.check_replaceable(out, TOY_MARKER, "choose another --out")
+    if n_train + n_test > TOY_PROBLEMS // 2:  # beyond that, drawing distinct ones slows to a crawl
+        raise DataError(f"the toy generator has {TOY_PROBLEMS:,} distinct problems and draws at most half of them; "
+                        f"ask for fewer (--n-train, --n-test)")
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
 
     def fresh() -> tuple[str, str, callable]:
-        for _ in range(100_000):
+        while True:
             problem, gold, trace = toy_problem(rng)
             if problem not in seen:
                 seen.add(problem)
                 return problem, gold, trace
-        raise DataError(f"the toy generator ran out of distinct problems after {len(seen):,}; "
-                        f"ask for fewer (--n-train, --n-test)")
 
     test = [fresh()[:2] for _ in range(n_test)]  # held out first, so no training problem repeats them
     rows = []
@@ -1061,14 +1026,14 @@ def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200
         problem, gold, trace = fresh()
         gens, llama, mv = [], [], []
         for _ in range(int(rng.integers(2, 5))):
-            mistake = None if rng.random() < 0.55 else str(rng.choice(["order", "carry", "sign"]))
+            mistake = None if rng.random() < 0.55 else str(rng.choice(TOY_MISTAKES))
             reasoning, answer = trace(mistake)
             correct = str(answer) == gold
             gens.append(toy_trace(reasoning, answer))
             llama.append(bool(correct != (rng.random() < 0.03)))  # the LLM judge errs now and then
             mv.append(bool(correct != (rng.random() < 0.02)))
         valid = "No" if rng.random() < 0.03 else "Yes"
-        source = "cn_k12" if rng.random() < 0.05 else ("toy_arithmetic" if problem.startswith("Compute") else "toy_linear")
+        source = "cn_k12" if rng.random() < 0.05 else "toy_sums"
         if rng.random() < 0.01:
             mv = mv[:-1]  # a broken row: label list shorter than the generations
         rows.append({"problem": problem, "answer": gold, "problem_is_valid": valid, "source": source,
