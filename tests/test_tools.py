@@ -76,8 +76,16 @@ def test_plot_overwrites_only_its_own_figures(tmp_path):
     plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "fig.png")])  # its own figure: redrawn
 
 
+def demo_args(**kw):
+    import demo
+    p = {"n_train": 300, "n_test": 20, "sft_epochs": 1, "steps2": 4, "save_every2": 2, "seed": 0, "lr2": 1e-4,
+         "samples": 4}
+    return demo.argparse.Namespace(**{**p, **kw})
+
+
 def test_demo_refuses_a_foreign_directory_and_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
-    """Ctrl-C in the SFT stage ends with one line; the rerun skips the finished stages and resumes training."""
+    """Ctrl-C in the SFT stage ends with one line; the rerun skips the finished stages and resumes training,
+    and runs the three stage-2 trainings side by side."""
     import demo
 
     (tmp_path / "mine").mkdir()
@@ -86,28 +94,76 @@ def test_demo_refuses_a_foreign_directory_and_resumes_after_ctrl_c(tmp_path, mon
         demo.main(["--out", str(tmp_path / "mine")])
 
     out = tmp_path / "demo"
-    outputs = {shlex.join(cmd): done for _, done, cmd in demo.stages(out, 4)}
+    outputs = {shlex.join(cmd): done for _, done, cmd, _ in demo.stages(out, demo_args(n_train=5000, n_test=200,
+                                                                                       sft_epochs=7, steps2=60,
+                                                                                       save_every2=20))}
     ran = []
+
+    def finish(cmd):
+        done = outputs[shlex.join(cmd)]
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"benchmarks": {"test": {"pass@1": 0.5, "sem": 0.1, "pass@4": 0.75,
+                                                            "changed_by_grading": 0}}}))
+        if cmd[:3] == ["train.py", "--stage", "redi"]:
+            (done.parent / "metrics.jsonl").write_text("".join(
+                json.dumps({"logps_chosen": -0.1 * i, "logps_rejected": -0.2 * i}) + "\n" for i in range(8)))
 
     def fake_run(*cmd):
         if "sft" in cmd and not ran[-1:] == ["interrupted"]:
             ran.append("interrupted")
             raise KeyboardInterrupt
         ran.append(shlex.join(cmd))
-        done = outputs[shlex.join(cmd)]
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"benchmarks": {"test": {"pass@1": 0.5, "sem": 0.1, "pass@4": 0.75, "mean_tokens": 9,
-                                                            "cut_at_limit": 0, "changed_by_grading": 0}}}))
+        finish(list(cmd))
+
+    def fake_run_together(cmds, logs):
+        ran.append([shlex.join(c) for c in cmds])
+        for cmd in cmds:
+            finish(cmd)
 
     monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr(demo, "run_together", fake_run_together)
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)  # no figure
     with pytest.raises(SystemExit) as e:
         demo.main(["--out", str(out)])
     assert e.value.code == 130 and len(ran) == 4  # toy, prepare, init, then Ctrl-C in SFT
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("interrupted during the SFT stage")
     demo.main(["--out", str(out)])
     rerun = ran[4:]
-    assert rerun[0].startswith("train.py --stage sft") and "--resume" in rerun[0] and len(rerun) == 4
-    assert "toy corpus: done in an earlier run" in capsys.readouterr().out
+    assert rerun[0].startswith("train.py --stage sft") and "--resume" in rerun[0] and len(rerun) == 6
+    assert [c.split(" --model")[0] for c in rerun[1]] == [f"train.py --stage redi --alpha {a}" for a in (0.0, 0.8, 1.0)]
+    assert all(c.startswith("evaluate.py") for c in rerun[2:])
+    printed = capsys.readouterr().out
+    assert "toy corpus: done in an earlier run" in printed and "pip install matplotlib" in printed
+
+
+def test_demo_pipeline_end_to_end_on_a_smaller_setting(tmp_path, capsys):
+    """The demo itself, through the real tools in subprocesses, on a tiny corpus: every stage runs and the
+    table has the SFT row and the three stage-2 rows with their LogPS changes and verdicts."""
+    import demo
+
+    demo.main(["--out", str(tmp_path / "demo"), "--n-train", "300", "--n-test", "20", "--sft-epochs", "1",
+               "--steps2", "4", "--save-every2", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| SFT") or line.startswith("| + stage 2")]
+    assert len(rows) == 4 and rows[0].endswith("| the starting point |")
+    assert rows[1].endswith("| control |") and all("±" in r for r in rows)
+    for row in rows[2:]:
+        assert row.split(" | ")[-1].rstrip(" |").split(" (")[0] in ("stable", "degraded", "collapsed")
+    for name in ("control", "redi", "symmetric"):
+        assert (tmp_path / "demo" / name / "final" / "model.safetensors").is_file()
+    import importlib.util
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "demo" / "dynamics.png").is_file()
+    else:
+        assert "pip install matplotlib" in lines[-1]
+
+
+def test_demo_verdicts():
+    import demo
+    assert demo.verdict(90.0, 93.0, -0.01) == "stable"
+    assert demo.verdict(90.0, 93.0, -0.05) == "degraded (-3.0 points)"  # chosen LogPS fell
+    assert demo.verdict(80.0, 93.0, 0.0) == "degraded (-13.0 points)"
+    assert demo.verdict(40.0, 93.0, -0.3) == "collapsed"
 
 
 def test_every_run_has_its_label_and_one_colour(tmp_path, monkeypatch):
