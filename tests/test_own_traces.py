@@ -200,6 +200,10 @@ def assert_same_outputs(a, b, columns):
 
 def test_traces_and_pairs_select_what_openr1_selects(toy, tmp_path):
     rows = pq.read_table(toy / "raw").to_pylist()
+    for r in rows[:10]:  # a toy's wrong traces are as long as its right ones: give a few a long detour
+        labels = r["correctness"]["math_verify_reparsed_answer"]
+        r["generations"] = [g.replace("</think>", "Let me check that again.\n" * 5 + "</think>")
+                            if i < len(labels) and not labels[i] else g for i, g in enumerate(r["generations"])]
     traces = as_traces(rows)
     openr1 = [r for r in rows if r["problem_is_valid"] == "Yes" and r["source"] != "cn_k12"]
     pq.write_table(pa.Table.from_pylist(openr1), tmp_path / "openr1.parquet")
@@ -207,7 +211,7 @@ def test_traces_and_pairs_select_what_openr1_selects(toy, tmp_path):
     with open(tmp_path / "traces" / "a.jsonl", "w") as f:
         f.writelines(json.dumps(t) + "\n\n" for t in traces[:50])  # blank lines are skipped
     pq.write_table(pa.Table.from_pylist(traces[50:]), tmp_path / "traces" / "b.parquet")
-    cfg = dict(max_prompt_tokens=42, max_response_tokens=75, batch_rows=16, bucket_bytes=4000)
+    cfg = dict(max_prompt_tokens=42, max_response_tokens=76, batch_rows=16, bucket_bytes=4000)
     quiet = lambda *a: None  # noqa: E731
     ref = D.prepare([tmp_path / "openr1.parquet"], toy / "model", tmp_path / "ref", D.PrepareConfig(**cfg), log=quiet)
     got = D.prepare([tmp_path / "traces"], toy / "model", tmp_path / "got",

@@ -83,9 +83,12 @@ def test_preference_stages_raise_the_margin(toy, tmp_path, sft_model, stage, ext
               model=sft_model)
     assert all(k in log[0] for k in ("logps_chosen", "logps_rejected", "margin", "accuracy"))
     before, after = fixed_margins(toy, sft_model), fixed_margins(toy, tmp_path / "run" / "final")
-    # DPO's margin is in summed log-probs; the others' in per-token (length-normalized) log-probs
-    i = 0 if stage == "dpo" else 1
-    assert after[i] > before[i] + 0.02, (before, after)
+    # DPO's margin is in summed log-probs; the others' in per-token (length-normalized) log-probs. A toy pair
+    # differs in a few of its ~50 tokens, so the per-token margin moves ~50x less than the summed one.
+    if stage == "dpo":
+        assert after[0] > before[0] + 0.02, (before, after)
+    else:
+        assert after[1] > before[1] and after[0] > before[0] + 0.2, (before, after)
     if stage == "dpo":
         assert abs(log[0]["margin"]) < 1e-5  # the policy starts as the reference: zero implicit reward
         assert (tmp_path / "run" / "ref_logps.pt").is_file()
