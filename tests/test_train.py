@@ -64,6 +64,28 @@ def test_sft_loss_falls(toy, tmp_path):
     assert log[0]["lr"] == 0.0 and log[0]["update_norm"] == 0.0  # warmup starts at lr 0, as in HF
 
 
+def test_update_norm_from_adamw_state_equals_the_difference_of_the_weights():
+    """T.adamw_update_sq rebuilds ||theta_t - theta_(t-1)||^2 from AdamW's state, without a copy of the weights;
+    checked against the copy over steps with warmup, decay and weight decay, and a parameter without a gradient."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4), torch.nn.Linear(4, 4))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step, lr in enumerate([0.0, 5e-3, 1e-2, 2e-3, 3e-2]):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = net[1](net[0](torch.randn(8, 16))).square().mean()  # net[2] gets no gradient
+        loss.backward()
+        before = [p.detach().clone() for p in net.parameters()]
+        opt.step()
+        expected = sum(((p.detach() - b).double() ** 2).sum() for p, b in zip(net.parameters(), before))
+        got = T.adamw_update_sq(opt)
+        opt.zero_grad(set_to_none=True)
+        if lr == 0.0:
+            assert got == 0.0
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
 def fixed_margins(toy, model_dir, n=48):
     """Summed and length-normalized chosen-minus-rejected log-probs of the first n triplets."""
     model = M.load_pretrained(model_dir)
