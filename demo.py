@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import shlex
@@ -139,18 +140,13 @@ def checkpoint_evals(out: Path) -> list[tuple[str, Path, list[str], str | None]]
 
 def run_stages(todo: list[tuple[str, Path, list[str], str | None]], where: list[str]) -> None:
     """Run the unfinished stages in order, each group's side by side; `where` names the stage under way."""
-    i = 0
-    while i < len(todo):
-        group = [todo[i]]
-        while group[0][3] and i + len(group) < len(todo) and todo[i + len(group)][3] == group[0][3]:
-            group.append(todo[i + len(group)])
-        i += len(group)
+    for label, group in itertools.groupby(todo, key=lambda s: s[3] or s[0]):  # stage names are unique
+        group = list(group)
         for name, done, _, _ in group:
             if done.exists():
                 print(f"\n{name}: done in an earlier run ({done}); skipped", flush=True)
         group = [s for s in group if not s[1].exists()]
-        if group:
-            where[0] = group[0][3] or group[0][0]
+        where[0] = label
         if len(group) == 1:
             run(*group[0][2])
         elif group:
