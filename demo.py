@@ -47,6 +47,8 @@ MARKER = "DEMO"  # marks --out as a demo's: the only non-empty directory the dem
 # Stage 2: (run directory, alpha, label); all three start from the SFT model and share the learning rate.
 STAGE2 = (("control", 0.0, "alpha 0 (control)"), ("redi", 0.8, "alpha 0.8 (REDI)"),
           ("symmetric", 1.0, "alpha 1 (symmetric)"))
+# A stage: (name, the output whose presence means it finished, command, group run side by side or None).
+Stage = tuple[str, Path, list[str], str | None]
 CHECKPOINT_EVAL = ["--samples", "2", "--limit", "100"]  # the accuracy-by-step panel: cheaper than the final table
 
 
@@ -99,9 +101,8 @@ def evaluate_args(out: Path) -> list[str]:
             "--think-prompt", "train"]
 
 
-def stages(out: Path, a: argparse.Namespace) -> list[tuple[str, Path, list[str], str | None]]:
-    """(name, the output whose presence means the stage finished, command, group) of every stage, in order;
-    consecutive unfinished stages of one group run side by side. Training checkpoints as it goes and always
+def stages(out: Path, a: argparse.Namespace) -> list[Stage]:
+    """Every stage, in order; consecutive unfinished stages of one group run side by side. Training checkpoints as it goes and always
     runs with --resume; evaluation resumes by itself."""
     common = ["--data", f"{out}/data", "--max-len", "256", "--micro-tokens", "4096", "--batch-size", "32",
               "--resume"]
@@ -127,7 +128,7 @@ def stages(out: Path, a: argparse.Namespace) -> list[tuple[str, Path, list[str],
     ]
 
 
-def checkpoint_evals(out: Path) -> list[tuple[str, Path, list[str], str | None]]:
+def checkpoint_evals(out: Path) -> list[Stage]:
     """The evaluations behind the figure's accuracy panel: the SFT model (step 0 of every run) and each stage-2
     checkpoint, on the first 100 test problems."""
     evaluate = [*evaluate_args(out), *CHECKPOINT_EVAL]
@@ -138,7 +139,7 @@ def checkpoint_evals(out: Path) -> list[tuple[str, Path, list[str], str | None]]
                     for name, _, _ in STAGE2 for ckpt in sorted((out / name).glob("step-*"))]
 
 
-def run_stages(todo: list[tuple[str, Path, list[str], str | None]], where: list[str]) -> None:
+def run_stages(todo: list[Stage], where: list[str]) -> None:
     """Run the unfinished stages in order, each group's side by side; `where` names the stage under way."""
     for label, group in itertools.groupby(todo, key=lambda s: s[3] or s[0]):  # stage names are unique
         group = list(group)

@@ -70,7 +70,7 @@ def test_update_norm_from_adamw_state_equals_the_difference_of_the_weights():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4), torch.nn.Linear(4, 4))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for step, lr in enumerate([0.0, 5e-3, 1e-2, 2e-3, 3e-2]):
+    for lr in [0.0, 5e-3, 1e-2, 2e-3, 3e-2]:
         for group in opt.param_groups:
             group["lr"] = lr
         loss = net[1](net[0](torch.randn(8, 16))).square().mean()  # net[2] gets no gradient
@@ -107,11 +107,10 @@ def test_preference_stages_raise_the_margin(toy, tmp_path, sft_model, stage, ext
     before, after = fixed_margins(toy, sft_model), fixed_margins(toy, tmp_path / "run" / "final")
     # DPO's margin is in summed log-probs; the others' in per-token (length-normalized) log-probs. A toy pair
     # differs in a few of its ~50 tokens, so the per-token margin moves ~50x less than the summed one.
-    if stage == "dpo":
-        assert after[0] > before[0] + 0.02, (before, after)
-    else:
+    if stage != "dpo":
         assert after[1] > before[1] and after[0] > before[0] + 0.2, (before, after)
-    if stage == "dpo":
+    else:
+        assert after[0] > before[0] + 0.02, (before, after)
         assert abs(log[0]["margin"]) < 1e-5  # the policy starts as the reference: zero implicit reward
         assert (tmp_path / "run" / "ref_logps.pt").is_file()
 
