@@ -959,38 +959,49 @@ class Loader:
 # -----------------------------------------------------------------------------
 # The toy corpus: small synthetic math in the raw OpenR1 schema
 #
-# Problems are running sums of 3 to 5 single digits ("Compute $6 + 5 + 3 + 3$."). A teacher trace adds them
-# one line at a time in <think>...</think> and ends with the paper's format line. A wrong trace slips once, at
-# a random step, as real ones do: a dropped or extra carry, a miscopied addend, or a subtraction instead of an
-# addition; the steps after the slip are correct arithmetic on the wrong running total. The task is small
-# enough for the toy model to learn to ~97% in the demo's SFT, so stage 2 starts from a converged model.
+# Two kinds of problem, three sums to one product. Sums: running sums of 3 to 5 single digits ("Compute
+# $6 + 5 + 3 + 3$."), added one line at a time; the teacher never errs on these, and the toy model learns them.
+# Products: "Compute $37 \times 48 + 5$.", a two-digit product and then one addition; the teacher gets the
+# product wrong in about 45% of its traces, off by a carry (10 or 100 either way), and adds correctly to
+# whatever product it wrote. The toy model cannot learn two-digit products, so to it a right and a wrong
+# product look alike: after SFT it gives chosen and rejected traces the same mean log-prob. That is the
+# paper's setting (a 1.5B student cannot check R1's steps either), and it is the one where alpha matters:
+# the positive and negative gradients are of one size and nearly cancel, so alpha 1 keeps only their
+# difference, and alpha 0.8 a fifth of the positive gradient besides. Wrong traces, and so D_Pref, come from
+# the products only. Each trace sits in <think>...</think> and ends with the paper's format line.
 
 _ANSWER_LINE = "Therefore, the final answer is: $\\boxed{%s}$. I hope it is correct"
 # Splits text into pre-tokens exactly as Qwen2's tokenizer does (digits one by one, words, punctuation runs).
 _QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
-TOY_MISTAKES = ("carry", "addend", "sign")
-TOY_PROBLEMS = 9 ** 3 + 9 ** 4 + 9 ** 5  # distinct problems toy_problem can draw
+# Distinct problems of each kind toy_problem draws; the generator takes at most half of the smaller count.
+TOY_PROBLEMS = {"sums": 9 ** 3 + 9 ** 4 + 9 ** 5, "products": 90 * 90 * 9}
+TOY_SUMS = 0.75  # the share of sums: enough for SFT to learn them within the demo's budget
+TOY_WRONG = 0.45  # the teacher's error rate on products
 
 
 def toy_problem(rng: np.random.Generator) -> tuple[str, str, callable]:
-    """(problem, gold answer, trace(mistake) -> (reasoning, final answer)); mistake is None or in TOY_MISTAKES."""
-    terms = [int(x) for x in rng.integers(1, 10, size=int(rng.integers(3, 6)))]
+    """(problem, gold answer, trace): each call of trace() is one teacher trace, (reasoning, final answer),
+    wrong as often as the teacher errs on that kind of problem."""
+    if rng.random() < TOY_SUMS:
+        terms = [int(x) for x in rng.integers(1, 10, size=int(rng.integers(3, 6)))]
 
-    def trace(mistake: str | None) -> tuple[str, int]:
-        slip = int(rng.integers(1, len(terms)))  # the step that goes wrong, when one does
-        total, lines = terms[0], []
-        for i, term in enumerate(terms[1:], 1):
-            if mistake == "addend" and i == slip:
-                term += int(rng.choice([-1, 1]))
-            new = total - term if mistake == "sign" and i == slip else total + term
-            if mistake == "carry" and i == slip:
-                new += int(rng.choice([-1, 1])) * (10 if new >= 10 else 1)
-            lines.append(f"{total} + {term} = {new}.")
-            total = new
-        return "\n".join(lines), total
+        def sums() -> tuple[str, int]:
+            total, lines = terms[0], []
+            for term in terms[1:]:
+                lines.append(f"{total} + {term} = {total + term}.")
+                total += term
+            return "\n".join(lines), total
+        return f"Compute ${' + '.join(map(str, terms))}$.", str(sum(terms)), sums
 
-    return f"Compute ${' + '.join(map(str, terms))}$.", str(sum(terms)), trace
+    a, b, c = (int(x) for x in rng.integers([10, 10, 1], [100, 100, 10]))
+
+    def products() -> tuple[str, int]:
+        product = a * b
+        if rng.random() < TOY_WRONG:
+            product += int(rng.choice([-1, 1])) * int(rng.choice([10, 100]))
+        return f"{a} * {b} = {product}.\n{product} + {c} = {product + c}.", product + c
+    return f"Compute ${a} \\times {b} + {c}$.", str(a * b + c), products
 
 
 def toy_trace(reasoning: str, answer) -> str:
@@ -1007,9 +1018,10 @@ def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200
     earlier toy corpus (it holds TOY_MARKER), so no file of the user's is overwritten."""
     out = Path(out)
     model_lib.check_replaceable(out, TOY_MARKER, "choose another --out")
-    if n_train + n_test > TOY_PROBLEMS // 2:  # beyond that, drawing distinct ones slows to a crawl
-        raise DataError(f"the toy generator has {TOY_PROBLEMS:,} distinct problems and draws at most half of them; "
-                        f"ask for fewer (--n-train, --n-test)")
+    most = TOY_PROBLEMS["sums"] // 2  # past half of the smaller kind, drawing distinct problems slows to a crawl
+    if n_train + n_test > most:
+        raise DataError(f"the toy generator draws at most {most:,} distinct problems; ask for fewer "
+                        f"(--n-train, --n-test)")
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
 
@@ -1026,14 +1038,13 @@ def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200
         problem, gold, trace = fresh()
         gens, llama, mv = [], [], []
         for _ in range(int(rng.integers(2, 5))):
-            mistake = None if rng.random() < 0.55 else str(rng.choice(TOY_MISTAKES))
-            reasoning, answer = trace(mistake)
+            reasoning, answer = trace()
             correct = str(answer) == gold
             gens.append(toy_trace(reasoning, answer))
             llama.append(bool(correct != (rng.random() < 0.03)))  # the LLM judge errs now and then
             mv.append(bool(correct != (rng.random() < 0.02)))
         valid = "No" if rng.random() < 0.03 else "Yes"
-        source = "cn_k12" if rng.random() < 0.05 else "toy_sums"
+        source = "cn_k12" if rng.random() < 0.05 else "toy"
         if rng.random() < 0.01:
             mv = mv[:-1]  # a broken row: label list shorter than the generations
         rows.append({"problem": problem, "answer": gold, "problem_is_valid": valid, "source": source,

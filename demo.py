@@ -6,9 +6,10 @@
 
 It runs the project's own command-line tools, printing each command, exactly as a user would:
 
-    python data.py toy            a synthetic math corpus in OpenR1-Math-Raw's schema (running sums, with correct
-                                  traces and traces that slip once), a held-out test split, a byte-level BPE
-                                  tokenizer with Qwen's special tokens and a tiny Qwen2 config
+    python data.py toy            a synthetic math corpus in OpenR1-Math-Raw's schema (running sums the teacher
+                                  always gets right, and two-digit products it gets wrong 45% of the time), a
+                                  held-out test split, a byte-level BPE tokenizer with Qwen's special tokens and
+                                  a tiny Qwen2 config
     python data.py prepare        the paper's selection: D_SFT and D_Pref, tokenized
     python model.py init          a randomly initialized tiny Qwen2 (the "base model")
     python train.py --stage sft   stage 1: SFT on the correct traces, to convergence
@@ -20,7 +21,7 @@ It runs the project's own command-line tools, printing each command, exactly as 
                                   matplotlib is installed
 
 The paper's finding under test: at a learning rate where the symmetric objective collapses (both LogPS fall
-and accuracy crashes), alpha 0.8 degrades less. The alpha-0 control separates what the negatives do from what
+and accuracy crashes), alpha 0.8 holds. The alpha-0 control separates what the negatives do from what
 more training does. The toy's training prompts are the bare problems (as the paper's are), so evaluation
 uses the bare problem as the user turn too, and starts the forced <think> the way training traces do
 (`--think-prompt train`: the paper's template drops a newline there, which a model this small does not
@@ -169,9 +170,9 @@ def verdict(pass1: float, control: float, d_chosen: float) -> str:
     """Plain words for a stage-2 row, against the alpha-0 control (pass@1 in %)."""
     if pass1 < control / 2:
         return "collapsed"
-    if control - pass1 <= 5 and d_chosen > -0.02:
-        return "stable"
-    return f"degraded ({pass1 - control:+.1f} points)"
+    if control - pass1 > 5:
+        return f"degraded ({pass1 - control:+.1f} points)"
+    return "stable" if d_chosen > -0.02 else "accuracy holds, chosen LogPS falling"
 
 
 def report(out: Path, samples: int, seconds: float, figure: Path | None) -> None:
@@ -208,12 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true", help="remove an earlier demo in --out and start over")
     p.add_argument("--samples", type=int, default=4, help="samples per test problem")
     p.add_argument("--seed", type=int, default=0, help="the toy corpus and the base model's initialization")
-    p.add_argument("--lr2", type=float, default=1e-4, help="stage 2's learning rate, shared by the three runs")
+    p.add_argument("--lr2", type=float, default=3e-4, help="stage 2's learning rate, shared by the three runs")
     g = p.add_argument_group("size (the defaults are the demo; tests run it smaller)")
-    g.add_argument("--n-train", type=int, default=5000, help="training problems of the toy corpus")
+    g.add_argument("--n-train", type=int, default=6000, help="training problems of the toy corpus")
     g.add_argument("--n-test", type=int, default=200, help="held-out test problems")
     g.add_argument("--sft-epochs", type=int, default=7, help="SFT epochs (7: converged on every seed checked)")
-    g.add_argument("--steps2", type=int, default=60, help="stage-2 optimizer steps (half an epoch of D_Pref)")
+    g.add_argument("--steps2", type=int, default=60, help="stage-2 optimizer steps (about one epoch of D_Pref)")
     g.add_argument("--save-every2", type=int, default=20, help="stage-2 checkpoint interval (the figure's steps)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import shutil
 
 import jinja2
@@ -458,7 +459,7 @@ def test_empty_micro_batches_pad_ranks():
 
 def test_toy_corpus_refuses_more_problems_than_it_has(tmp_path):
     with pytest.raises(D.DataError, match="distinct problems.*ask for fewer"):
-        D.toy_corpus(tmp_path, n_train=D.TOY_PROBLEMS // 2, n_test=10)
+        D.toy_corpus(tmp_path, n_train=D.TOY_PROBLEMS["sums"] // 2, n_test=10)
 
 
 def test_toy_corpus_is_deterministic_and_well_formed(tmp_path, toy):
@@ -473,7 +474,13 @@ def test_toy_corpus_is_deterministic_and_well_formed(tmp_path, toy):
     labels = [(l, m) for r in train for l, m in zip(r["correctness"]["llama_verification"],
                                                      r["correctness"]["math_verify_reparsed_answer"])]
     correct = sum(l and m for l, m in labels)
-    assert 0.3 < correct / len(labels) < 0.8  # a mix of correct and incorrect traces
+    assert 0.6 < correct / len(labels) < 0.95  # a mix of correct and incorrect traces
+    misses = {"sums": [], "products": []}  # the teacher errs on products only, off by a carry
+    for r in train:
+        kind = "products" if "\\times" in r["problem"] else "sums"
+        misses[kind] += [abs(int(re.search(r"boxed\{(\d+)\}", g)[1]) - int(r["answer"])) for g in r["generations"]]
+    assert set(misses["sums"]) == {0} and set(misses["products"]) == {0, 10, 100}
+    assert 0.3 < misses["products"].count(0) / len(misses["products"]) < 0.8
     for r in train[:50]:
         for g in r["generations"]:
             assert g.startswith("<think>\n") and "</think>" in g and "\\boxed{" in g
