@@ -200,7 +200,7 @@ def assert_same_outputs(a, b, columns):
 
 def test_traces_and_pairs_select_what_openr1_selects(toy, tmp_path):
     rows = pq.read_table(toy / "raw").to_pylist()
-    for r in rows[:10]:  # a toy's wrong traces are as long as its right ones: give a few a long detour
+    for r in rows[:40]:  # a toy's wrong traces are as long as its right ones: give a few a long detour
         labels = r["correctness"]["math_verify_reparsed_answer"]
         r["generations"] = [g.replace("</think>", "Let me check that again.\n" * 5 + "</think>")
                             if i < len(labels) and not labels[i] else g for i, g in enumerate(r["generations"])]
