@@ -12,7 +12,7 @@ It runs the project's own command-line tools, printing each command, exactly as 
                                   a tiny Qwen2 config
     python data.py prepare        the paper's selection: D_SFT and D_Pref, tokenized
     python model.py init          a randomly initialized tiny Qwen2 (the "base model")
-    python train.py --stage sft   stage 1: SFT on the correct traces, to convergence
+    python train.py --stage sft   stage 1: SFT on the correct traces
     python train.py --stage redi  stage 2, three times from the same SFT model, side by side, at one learning
                                   rate: alpha 0 (the control: more training on the positives alone), alpha 0.8
                                   (REDI) and alpha 1 (the symmetric objective, Eq. 4)
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     g = p.add_argument_group("size (the defaults are the demo; tests run it smaller)")
     g.add_argument("--n-train", type=int, default=6000, help="training problems of the toy corpus")
     g.add_argument("--n-test", type=int, default=200, help="held-out test problems")
-    g.add_argument("--sft-epochs", type=int, default=7, help="SFT epochs (7: converged on every seed checked)")
+    g.add_argument("--sft-epochs", type=int, default=7,
+                   help="SFT epochs (7: after them the alpha-0 control adds nothing, on the seeds checked)")
     g.add_argument("--steps2", type=int, default=60, help="stage-2 optimizer steps (about one epoch of D_Pref)")
     g.add_argument("--save-every2", type=int, default=20, help="stage-2 checkpoint interval (the figure's steps)")
     args = p.parse_args(argv)
