@@ -967,8 +967,9 @@ class Loader:
 # product look alike: after SFT it gives chosen and rejected traces the same mean log-prob. That is the
 # paper's setting (a 1.5B student cannot check R1's steps either), and it is the one where alpha matters:
 # the positive and negative gradients are of one size and nearly cancel, so alpha 1 keeps only their
-# difference, and alpha 0.8 a fifth of the positive gradient besides. Wrong traces, and so D_Pref, come from
-# the products only. Each trace sits in <think>...</think> and ends with the paper's format line.
+# difference, and alpha 0.8 a fifth of the positive gradient besides. The teacher's wrong traces are all
+# products; the simulated judges' flipped verdicts add pairs of sums whose two traces are the same text.
+# Each trace sits in <think>...</think> and ends with the paper's format line.
 
 _ANSWER_LINE = "Therefore, the final answer is: $\\boxed{%s}$. I hope it is correct"
 # Splits text into pre-tokens exactly as Qwen2's tokenizer does (digits one by one, words, punctuation runs).
