@@ -964,7 +964,7 @@ class Loader:
 # Products: "Compute $37 \times 48 + 5$.", a two-digit product and then one addition; the teacher gets the
 # product wrong in about 45% of its traces, off by a carry (10 or 100 either way), and adds correctly to
 # whatever product it wrote. The toy model cannot learn two-digit products, so to it a right and a wrong
-# product look alike: after SFT it gives chosen and rejected traces the same mean log-prob. That is the
+# product look alike: after SFT it gives chosen and rejected traces about the same mean log-prob. That is the
 # paper's setting (a 1.5B student cannot check R1's steps either), and it is the one where alpha matters:
 # the positive and negative gradients are of one size and nearly cancel, so alpha 1 keeps only their
 # difference, and alpha 0.8 a fifth of the positive gradient besides. The teacher's wrong traces are all
@@ -1019,7 +1019,7 @@ def toy_corpus(out: str | os.PathLike, *, n_train: int = 4000, n_test: int = 200
     earlier toy corpus (it holds TOY_MARKER), so no file of the user's is overwritten."""
     out = Path(out)
     model_lib.check_replaceable(out, TOY_MARKER, "choose another --out")
-    most = TOY_PROBLEMS["sums"] // 2  # past half of the smaller kind, drawing distinct problems slows to a crawl
+    most = min(TOY_PROBLEMS.values()) // 2  # past half of the smaller kind, drawing distinct ones slows to a crawl
     if n_train + n_test > most:
         raise DataError(f"the toy generator draws at most {most:,} distinct problems; ask for fewer "
                         f"(--n-train, --n-test)")

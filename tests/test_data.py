@@ -459,7 +459,7 @@ def test_empty_micro_batches_pad_ranks():
 
 def test_toy_corpus_refuses_more_problems_than_it_has(tmp_path):
     with pytest.raises(D.DataError, match="distinct problems.*ask for fewer"):
-        D.toy_corpus(tmp_path, n_train=D.TOY_PROBLEMS["sums"] // 2, n_test=10)
+        D.toy_corpus(tmp_path, n_train=min(D.TOY_PROBLEMS.values()) // 2, n_test=10)
 
 
 def test_toy_corpus_is_deterministic_and_well_formed(tmp_path, toy):
