@@ -73,7 +73,7 @@ def run(*cmd: str) -> None:
 
 def run_together(cmds: list[list[str]], logs: list[Path]) -> None:
     """Run independent tools side by side, the CPU's cores split between them, each writing to its log. On 2
-    cores this takes about as long as running them in a row (the three stage-2 runs: 55 s); with more cores,
+    cores this takes about as long as running them in a row (the three stage-2 runs: 50 s); with more cores,
     less. Ctrl-C or one failure stops them all."""
     threads = str(max(1, (os.cpu_count() or 1) // len(cmds)))
     procs = []
@@ -103,8 +103,8 @@ def evaluate_args(out: Path) -> list[str]:
 
 
 def stages(out: Path, a: argparse.Namespace) -> list[Stage]:
-    """Every stage, in order; consecutive unfinished stages of one group run side by side. Training checkpoints as it goes and always
-    runs with --resume; evaluation resumes by itself."""
+    """Every stage, in order; consecutive unfinished stages of one group run side by side. Training checkpoints
+    as it goes and always runs with --resume; evaluation resumes by itself."""
     common = ["--data", f"{out}/data", "--max-len", "256", "--micro-tokens", "4096", "--batch-size", "32",
               "--resume"]
     return [

@@ -148,7 +148,8 @@ def test_demo_pipeline_end_to_end_on_a_smaller_setting(tmp_path, capsys):
     assert len(rows) == 4 and rows[0].endswith("| the starting point |")
     assert rows[1].endswith("| control |") and all("±" in r for r in rows)
     for row in rows[2:]:
-        assert row.split(" | ")[-1].rstrip(" |").split(" (")[0] in ("stable", "degraded", "collapsed")
+        assert row.split(" | ")[-1].rstrip(" |").split(" (")[0] in (
+            "stable", "accuracy holds, chosen LogPS falling", "degraded", "collapsed")
     for name in ("control", "redi", "symmetric"):
         assert (tmp_path / "demo" / name / "final" / "model.safetensors").is_file()
     import importlib.util
