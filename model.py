@@ -478,7 +478,8 @@ class Qwen2Attention(nn.Module):
             self.q_norm = Qwen2RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = Qwen2RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of x (B, T, hidden), RoPE applied: (B, H, T, hd), (B, Hkv, T, hd) x 2."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, hd)
@@ -486,11 +487,7 @@ class Qwen2Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # what the mask indexes: (B or 1, Hkv, S, hd)
-        y = attend(q, k, v, mask)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class Qwen2MLP(nn.Module):
@@ -512,9 +509,33 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def attention_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The block up to attention: q, k, v of the normed input x (B, T, hidden)."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def after_attention(self, x: Tensor, y: Tensor) -> Tensor:
+        """The block after attention, from its input x (B, T, hidden) and attention's output y (B, H, T, hd)."""
+        x = x + self.self_attn.o_proj(y.transpose(1, 2).flatten(2))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
+        before, after = _compiled_regions() if getattr(cache, "compiled_regions", False) else \
+            (Qwen2DecoderLayer.attention_inputs, Qwen2DecoderLayer.after_attention)
+        q, k, v = before(self, x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.self_attn.layer_idx, k, v)  # what the mask indexes: (B or 1, Hkv, S, hd)
+        return after(self, x, attend(q, k, v, mask))
+
+
+@functools.cache
+def _compiled_regions():
+    # A decoding step's elementwise work (fp32 RMSNorm and RoPE, biases, residuals, SwiGLU) is ~40 small
+    # kernels per layer uncompiled, and at small batches their launches, not the weight reads, set the pace
+    # even inside a CUDA graph. Compiled, each side of attention becomes a few fused kernels around the
+    # matmuls. Attention itself, with the cache write, stays outside: it has its own compiled kernel. The
+    # functions take the layer as an argument, so all layers share one graph; the batch is dynamic.
+    return (torch.compile(Qwen2DecoderLayer.attention_inputs, dynamic=True),
+            torch.compile(Qwen2DecoderLayer.after_attention, dynamic=True))
 
 
 class Qwen2Model(nn.Module):
@@ -561,7 +582,8 @@ class Qwen2ForCausalLM(nn.Module):
             document and blocked across documents. Default 0..T-1 (from attention_mask when given).
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
         cache: decode with a KV cache (KVCache, or any object with its begin/update/advance methods, like the
-            sampler's paged cache); positions default to continuing each row's cached length.
+            sampler's paged cache); positions default to continuing each row's cached length. A cache whose
+            `compiled_regions` is true has the layers run compiled around attention (_compiled_regions).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")

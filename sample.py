@@ -175,6 +175,7 @@ class PagedKVCache:
         self.refs = [0] * n_blocks
         self.fresh = [0]  # blocks to zero before the next forward
         self._slots_written: Tensor | None = None  # prefill: the pool rows of the new tokens
+        self.compile_decoding = False  # decode forwards run the layers compiled around attention (the Sampler's)
         self.rows = 0  # decode buffers' capacity in rows (decode_buffers: once, by the Sampler)
 
     @staticmethod
@@ -250,6 +251,10 @@ class PagedKVCache:
         self.logical[:n].scatter_(1, target.to(self.device), torch.where(valid, j, -1).int().to(self.device))
 
     # the model's cache protocol: begin runs once per forward, update once per layer
+    @property
+    def compiled_regions(self) -> bool:
+        return self.compile_decoding and self._slots_written is None
+
     def begin(self, position_ids: Tensor) -> model_lib.AttnMask:
         if self._slots_written is not None:  # a prefill: attention within each packed prompt
             self._write = self._slots_written
@@ -335,14 +340,15 @@ class Sampler:
     are only noticed, and replaced, at these points; on GPU this keeps the device busy). prefill_tokens: most
     prompt tokens prefilled together in one packed forward. cuda_graphs: capture the decode step (all layers,
     the head and the draw) in CUDA graphs, one per batch-size bucket, with the draw compiled (default on
-    GPU: its ~70 passes over (B, vocab) fuse into a few). in_place: decode
+    GPU: its ~70 passes over (B, vocab) fuse into a few). compile: run each decoding step's layers compiled
+    around attention (model._compiled_regions; default: with cuda_graphs). in_place: decode
     attention reads the KV pool in place (default on GPU; on CPU it is exact too, but flex_attention runs
     uncompiled there and is slower than gathering).
     """
 
     def __init__(self, model: model_lib.Qwen2ForCausalLM, *, kv_gib: float | None = None, max_slots: int = 256,
                  block_size: int | None = None, sync_every: int | None = None, prefill_tokens: int | None = None,
-                 cuda_graphs: bool | None = None, in_place: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, in_place: bool | None = None, compile: bool | None = None) -> None:
         self.model = model
         self.config = model.config
         param = next(model.parameters())
@@ -363,6 +369,7 @@ class Sampler:
         if self.cuda_graphs and not (cuda and self.cache.in_place):
             raise ValueError("cuda_graphs needs a CUDA model and the in-place paged attention")
         self._draw = _compiled_draw() if self.cuda_graphs else draw
+        self.cache.compile_decoding = self.cuda_graphs if compile is None else compile
         if self.cache.in_place:  # at the largest bucket's size once: captured graphs keep their addresses
             self.cache.decode_buffers(_bucket(max_slots, max_slots))
         self.preemptions = 0

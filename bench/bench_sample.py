@@ -214,31 +214,39 @@ def device_cases(ours, hf, device, tiny: bool = False) -> dict:
     sampling = dict(temperature=0.6, top_p=0.95)
     cases = ([(1, 64, 16), (8, 200, 16), (16, 200, 8)] if tiny
              else [(1, 1000, 128), (64, 8000, 64), (256, 8000, 32)])  # (batch, prompt tokens, new tokens)
+    cases.insert(1, cases[0] + ({"compile": False},))  # batch 1 again, the layers uncompiled: what compiling gives
     r = {"copy_gb_s": bw / 1e9}
     hf_rate, step1 = {}, None
-    mode = {"kv_gib": 0.05} if tiny else {}
-    for B, prompt_len, new in cases:
-        name = f"batch {B}, {prompt_len}-token prompts, {new} new tokens"
+    mode = {"kv_gib": 0.05, "compile": True} if tiny else {}  # tiny (CPU): the GPU default, compiled layers
+    # on a first GPU run, what fails is recorded and the case measured again without it: the compiled layers
+    # first, then CUDA graphs
+    fallbacks = [{"compile": False}, {"compile": False, "cuda_graphs": False}] if device.type == "cuda" else []
+    for B, prompt_len, new, *extra in cases:
+        extra = extra[0] if extra else {}
+        name = f"batch {B}, {prompt_len}-token prompts, {new} new tokens" + (", layers uncompiled" if extra else "")
         prompts = torch.randint(10, V - 10, (B, prompt_len), generator=g).tolist()
         try:
             hf_B = min(B, 64)  # transformers runs a batch of 256 x 8k as 4 batches of 64 (fits in memory)
             if hf_B not in hf_rate:
                 hf_rate[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, do_sample=True, top_k=0, **sampling)
-            try:
-                ours_tps = decode_rate_ours(ours, prompts, new, sampling, **mode)
-            except Exception as e:  # on a first GPU run: record why, and measure without CUDA graphs
-                if "cuda_graphs" in mode or device.type != "cuda":
-                    raise
-                r.setdefault("cuda_graph_errors", []).append(f"{type(e).__name__}: {str(e)[:1500]}")
-                print(f"  {name}: CUDA graphs failed ({type(e).__name__}: {str(e)[:300]}); again without", flush=True)
-                mode["cuda_graphs"] = False
-                torch.cuda.empty_cache()
-                ours_tps = decode_rate_ours(ours, prompts, new, sampling, **mode)
+            while True:
+                try:
+                    ours_tps = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
+                    break
+                except Exception as e:
+                    if not fallbacks:
+                        raise
+                    r.setdefault("fallback_errors", []).append(f"{type(e).__name__}: {str(e)[:1500]}")
+                    mode |= fallbacks.pop(0)
+                    print(f"  {name}: failed ({type(e).__name__}: {str(e)[:300]}); again with {mode}", flush=True)
+                    torch.cuda.empty_cache()
             roof = roofline(ours, B, prompt_len + new / 2, bw)
-            r[name] = {"cuda_graphs": mode.get("cuda_graphs", device.type == "cuda"),
+            cuda = device.type == "cuda"
+            r[name] = {"cuda_graphs": mode.get("cuda_graphs", cuda),
+                       "compiled_layers": (mode | extra).get("compile", mode.get("cuda_graphs", cuda)),
                        "transformers_tok_s": hf_rate[hf_B], "transformers_batch": hf_B, "ours_tok_s": ours_tps,
                        "speedup": ours_tps / hf_rate[hf_B], "roofline_tok_s": roof, "of_roofline": ours_tps / roof}
-            if B == 1:
+            if B == 1 and not extra:
                 step1 = 1 / ours_tps
             print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s | ours {ours_tps:,.0f} tok/s "
                   f"({ours_tps / hf_rate[hf_B]:.2f}x) | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%)",

@@ -61,4 +61,5 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert report["train"]["recipe_projection"]["sft_5_epochs_h"] > 0
     sample = report["sample"]
     assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
+    assert [sample[k]["compiled_layers"] for k in sample if k.startswith("batch 1,")] == [True, False]
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0

@@ -67,6 +67,27 @@ def test_greedy_matches_transformers(models, max_slots, blocks, in_place):
     assert sorted(sampler.cache.free) == list(range(1, len(sampler.cache.refs)))  # every block came back
 
 
+def test_compiled_decoding_equals_the_eager_path(models):
+    """Sampler(compile=True), the GPU default: each decoding step's layers run compiled around attention, one
+    graph for all layers, with batch sizes changing as sequences finish and are preempted. Greedy output is
+    still transformers' token for token, and sampled output the uncompiled sampler's, on both attention paths."""
+    ours, hf = models
+    batch = prompts([3, 17, 5, 29, 11, 8])
+    stops = (0, 1)
+    with torch.no_grad():
+        expected = [hf_greedy(hf, p, 24, stops) for p in batch]
+    sampled = S.SamplingParams(24, 1.0, 0.9, seed=3)
+    calls = M._compiled_regions.cache_info().hits + M._compiled_regions.cache_info().misses
+    for in_place in (False, True):
+        run = lambda params, compile: sorted(S.Sampler(  # noqa: E731
+            ours, kv_gib=pool_gib(ours, 30), max_slots=16, block_size=4, in_place=in_place,
+            compile=compile).stream(batch, params, n=2))
+        assert [t for i, j, t in run(S.SamplingParams(24, stop_ids=stops), True) if j == 0] == expected
+        assert run(sampled, True) == run(sampled, False)
+    info = M._compiled_regions.cache_info()
+    assert info.hits + info.misses > calls  # the compiled regions ran
+
+
 def test_stop_tokens_end_generation(models):
     ours, hf = models
     batch = prompts([6, 9, 4, 12], seed=3)
