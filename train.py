@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                              "master weights and optimizer state are fp32")
     g.add_argument("--no-ac", action="store_true", help="disable activation checkpointing (on by default on GPU)")
     g.add_argument("--ac", action="store_true", help="enable activation checkpointing on CPU")
+    g.add_argument("--ac-scope", choices=("block", "mlp"), default="block",
+                   help="what activation checkpointing recomputes in backward: each decoder block (least memory), "
+                        "or only each block's MLP (attention's activations are kept, so its forward runs once)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps (all go to JSONL)")
@@ -168,21 +171,34 @@ def load_model(path: str, args) -> model_lib.Qwen2ForCausalLM:
     return model
 
 
-def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: bool, compile: bool,
+def checkpoint_activations(model: model_lib.Qwen2ForCausalLM, scope: str) -> None:
+    """Recompute in backward, rather than keep, the activations of each decoder block (scope "block") or only
+    of each block's MLP (scope "mlp": its SwiGLU intermediates are most of a block's activations, while
+    attention's forward, the slowest part to run again, is kept)."""
+    for i, block in enumerate(model.model.layers):
+        if scope == "block":
+            model.model.layers[i] = checkpoint_wrapper(block)
+        elif scope == "mlp":
+            block.mlp = checkpoint_wrapper(block.mlp)
+        else:
+            raise ValueError(f"unknown activation checkpointing scope {scope!r}")
+
+
+def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: str | None, compile: bool,
                 bf16: bool) -> None:
-    """Activation checkpointing, then torch.compile, per decoder block; then FSDP2 per block and at the root.
+    """Activation checkpointing (ac: None, "block" or "mlp", see --ac-scope), then torch.compile, per decoder
+    block; then FSDP2 per block and at the root.
 
     fully_shard keeps fp32 master weights sharded across ranks; MixedPrecisionPolicy all-gathers them as bf16
     for compute and reduces gradients in fp32. The embedding, final norm and (tied) head live in the root
     group, so a tied weight stays one parameter. Forward inputs are not cast: the hidden states are already
     bf16 (the embedding's output), and the RoPE cos/sin that every block receives stay fp32, as in sampling.
     """
-    for i, block in enumerate(model.model.layers):
-        if ac:
-            block = checkpoint_wrapper(block)  # recompute the block's activations in backward
-        if compile:
-            block = torch.compile(block)
-        model.model.layers[i] = block
+    if ac is not None:
+        checkpoint_activations(model, ac)
+    if compile:
+        for i, block in enumerate(model.model.layers):
+            model.model.layers[i] = torch.compile(block)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if bf16 else MixedPrecisionPolicy()
@@ -396,7 +412,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     pref = args.stage != "sft"
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
-    ac = (device.type == "cuda" and not args.no_ac) or args.ac
+    ac = args.ac_scope if (device.type == "cuda" and not args.no_ac) or args.ac else None
 
     existing = complete_checkpoints(out) if out.is_dir() else []
     # runs written before the marker existed are recognized by their checkpoints
@@ -422,7 +438,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         ref = None
         if args.stage == "dpo":  # the reference's log-probs, once, before the policy is even loaded
             ref_model = load_model(args.ref_model or args.model, args)
-            parallelize(ref_model, device, ac=False, compile=False, bf16=bf16)
+            parallelize(ref_model, device, ac=None, compile=False, bf16=bf16)
             ref = reference_logps(ref_model, data, args, device, rank, world)
             del ref_model
         model = load_model(args.model, args)
@@ -452,7 +468,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     log(f"{args.stage}: {n_params:,} parameters, {len(loader.examples):,} examples ({loader.dropped:,} longer "
         f"than {args.max_len} tokens dropped, {loader.truncated:,} truncated), {total} steps of "
         f"{args.batch_size}, {world} rank(s) on {device.type}, {'bf16' if bf16 else 'fp32'}, "
-        f"activation checkpointing {'on' if ac else 'off'}")
+        f"activation checkpointing {f'of each {ac}' if ac else 'off'}")
     peak_flops = next((f for name, f in PEAK_FLOPS if device.type == "cuda" and
                        name in torch.cuda.get_device_name(device)), None)
     params = [p for p in model.parameters()]
@@ -480,9 +496,9 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                 stats += torch.stack([x.double() for x in (loss.detach(), *pair_stats)])  # no host sync
                 host_stats += (sum(mb.doc_lengths), flops(config, n_params, mb.doc_lengths))
         except torch.cuda.OutOfMemoryError:
+            less = {None: " or enable activation checkpointing (drop --no-ac)", "mlp": " or pass --ac-scope block"}
             raise SystemExit(f"error: out of memory at step {step + 1} (rank {rank}, micro-batches of up to "
-                             f"{args.micro_tokens} tokens): lower --micro-tokens"
-                             f"{'' if ac else ' or enable activation checkpointing (drop --no-ac)'}") from None
+                             f"{args.micro_tokens} tokens): lower --micro-tokens{less.get(ac, '')}") from None
         stats = torch.cat([stats, torch.tensor(host_stats, device=device)])
         dist.all_reduce(stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))

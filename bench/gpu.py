@@ -12,7 +12,8 @@ as soon as it ends, so a run killed at its time limit still leaves what it measu
           measured against transformers in fp32: a plain causal batch, packed ragged documents (flex_attention)
           against per-document forwards, and greedy decoding (sample.py) against transformers' argmax;
   train   train.py's own code path (FSDP2 on one rank, bf16, activation checkpointing) for SFT and REDI on
-          packed ragged 16k-token micro-batches and on one 32k-token sequence, with and without --compile:
+          packed ragged 16k-token micro-batches and on one 32k-token sequence, with and without --compile
+          (and compiled with no activation checkpointing, and with it on the MLPs only, --ac-scope mlp):
           first-step (compile/warm-up) time, step time, tokens/s, MFU (6N + 12 L d T), peak memory; and the
           chunked head (losses.token_logprobs) alone at 16k and 32k tokens;
   sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases).
@@ -253,27 +254,29 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
 
 
 def head_costs(ctx: Ctx) -> dict:
-    """losses.token_logprobs forward + backward alone: seconds and peak memory above its inputs."""
+    """losses.token_logprobs forward + backward alone, each chunk's softmax work eager and compiled (the
+    default on CUDA): seconds and peak memory above its inputs."""
     c, dev = ctx.config, ctx.device
     r = {}
     for n in ((256, 512) if ctx.tiny else (16384, 32768)):
         for chunk in (1024, 4096):
-            h = torch.randn(n, c.hidden_size, device=dev, dtype=ctx.dtype, requires_grad=True)
-            w = (torch.randn(c.vocab_size, c.hidden_size, device=dev, dtype=ctx.dtype) * 0.02).requires_grad_()
-            t = torch.randint(0, c.vocab_size, (n,), device=dev)
+            for compile in (False, True):
+                h = torch.randn(n, c.hidden_size, device=dev, dtype=ctx.dtype, requires_grad=True)
+                w = (torch.randn(c.vocab_size, c.hidden_size, device=dev, dtype=ctx.dtype) * 0.02).requires_grad_()
+                t = torch.randint(0, c.vocab_size, (n,), device=dev)
 
-            def step():
-                losses.token_logprobs(h, w, t, chunk=chunk).sum().backward()
-                h.grad = w.grad = None
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            s = timed(ctx, step, 2)
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else None
-            # matmul FLOPs: forward logits, backward recompute, grad_h, grad_w
-            r[f"{n} tokens, chunk {chunk}"] = {"s": s, "peak_extra_gib": peak,
-                                               "tflops": 8 * n * c.vocab_size * c.hidden_size / s / 1e12}
+                def step():
+                    losses.token_logprobs(h, w, t, chunk=chunk, compile=compile).sum().backward()
+                    h.grad = w.grad = None
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                s = timed(ctx, step, 2)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else None
+                # matmul FLOPs: forward logits, backward recompute, grad_h, grad_w
+                r[f"{n} tokens, chunk {chunk}, {'compiled' if compile else 'eager'}"] = {
+                    "s": s, "peak_extra_gib": peak, "tflops": 8 * n * c.vocab_size * c.hidden_size / s / 1e12}
     return r
 
 
@@ -291,7 +294,8 @@ def section_train(ctx: Ctx) -> dict:
             ("sft-32k", "sft", 1, long_len, long, 3, []),
             ("sft-compile", "sft", 8, sft_len, budget, steps + 1, ["--compile"]),
             ("redi-compile", "redi", 4, pref_len, budget, steps + 1, ["--compile"]),
-            ("sft-compile-noac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--no-ac"])]
+            ("sft-compile-noac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--no-ac"]),
+            ("sft-compile-mlpac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "mlp"])]
     if tiny:
         runs = [r[:-1] + (r[-1] + ([] if "--no-ac" in r[-1] else ["--ac"]),) for r in runs]  # the GPU default
     r = {}
@@ -466,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--parity", default="causal,packed,greedy", help="parity checks to run")
     p.add_argument("--train-runs", help="training runs to time (default all: sft,redi,sft-32k,sft-compile,"
-                                        "redi-compile,sft-compile-noac)")
+                                        "redi-compile,sft-compile-noac,sft-compile-mlpac)")
     p.add_argument("--out", default="gpu.json", help="the JSON report")
     p.add_argument("--tmp", default="/tmp/redi-gpu-check")
     args = p.parse_args(argv)

@@ -353,15 +353,16 @@ def test_flops_formula():
 
 
 def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
+    """Both scopes of --ac-scope: more FLOPs (a second forward), fewer saved activations (fewer with "block"
+    than with "mlp"), and bitwise the gradients of the plain model."""
     config = M.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2)
     ids = torch.randint(0, 50, (2, 24))
 
-    def step(ac):
+    def step(scope):
         model = M.build_model(config, seed=0)
-        if ac:
-            for i, block in enumerate(model.model.layers):
-                model.model.layers[i] = T.checkpoint_wrapper(block)
+        if scope is not None:
+            T.checkpoint_activations(model, scope)
         saved = []
         with FlopCounterMode(display=False) as counter, \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
@@ -369,10 +370,22 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
         grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
         return counter.get_total_flops(), sum(saved), grads
 
-    flops_plain, saved_plain, grads_plain = step(ac=False)
-    flops_ac, saved_ac, grads_ac = step(ac=True)
-    assert flops_ac > flops_plain  # the blocks' forward runs again in backward
-    assert saved_ac < saved_plain  # fewer activations kept
-    assert grads_plain.keys() == grads_ac.keys()
-    for name in grads_plain:
-        torch.testing.assert_close(grads_ac[name], grads_plain[name], rtol=0, atol=0, msg=name)
+    flops_plain, saved_plain, grads_plain = step(None)
+    flops_block, saved_block, grads_block = step("block")
+    flops_mlp, saved_mlp, grads_mlp = step("mlp")
+    assert flops_block > flops_mlp > flops_plain  # the blocks' (the MLPs') forward runs again in backward
+    assert saved_block < saved_mlp < saved_plain  # fewer activations kept
+    for grads in (grads_block, grads_mlp):
+        assert grads.keys() == grads_plain.keys()
+        for name in grads_plain:
+            torch.testing.assert_close(grads[name], grads_plain[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="unknown activation checkpointing scope"):
+        T.checkpoint_activations(M.build_model(config, seed=0), "attention")
+
+
+@pytest.mark.parametrize("scope", ["block", "mlp"])
+def test_training_with_activation_checkpointing_ends_with_the_same_weights(toy, tmp_path, scope):
+    """train.py --ac --ac-scope: the same final checkpoint, bitwise and with Hugging Face's keys, as without."""
+    run(toy, tmp_path / "plain", "--max-steps", "2")
+    run(toy, tmp_path / "ac", "--max-steps", "2", "--ac", "--ac-scope", scope)
+    assert_same_weights(tmp_path / "plain" / "final", tmp_path / "ac" / "final", atol=0)
