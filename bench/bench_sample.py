@@ -203,11 +203,11 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     return r
 
 
-def device_cases(ours, hf, device, tiny: bool = False) -> dict:
+def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
     """The GPU cases (bench/gpu.py's sampler section), decode throughput at the evaluation's sampling settings
     (temperature 0.6, top-p 0.95) against transformers' generate and the HBM roofline: batch 1 with a
     1k-token prompt, batch 64 and 256 at ~8k context; then the long-tail workload. tiny: the same, scaled
-    down for a CPU smoke test."""
+    down for a CPU smoke test. progress: called with the results so far after each case."""
     g = torch.Generator().manual_seed(0)
     bw = bandwidth(device)
     V = ours.config.vocab_size
@@ -234,7 +234,7 @@ def device_cases(ours, hf, device, tiny: bool = False) -> dict:
                     ours_tps = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
                     break
                 except Exception as e:
-                    if not fallbacks:
+                    if not fallbacks or isinstance(e, torch.cuda.OutOfMemoryError):  # memory is no compile error
                         raise
                     r.setdefault("fallback_errors", []).append(f"{type(e).__name__}: {str(e)[:1500]}")
                     mode |= fallbacks.pop(0)
@@ -256,6 +256,8 @@ def device_cases(ours, hf, device, tiny: bool = False) -> dict:
             print(f"  {name}: {r[name]['error']}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if progress is not None:
+            progress(r)
     try:
         r["long tail"] = long_tail(ours, device, tiny, step1, mode)
     except Exception as e:

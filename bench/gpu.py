@@ -50,10 +50,12 @@ FIXTURE = ROOT / "tests" / "fixtures" / "qwen2.5-math-1.5b"
 
 
 class Ctx:
-    """What the sections share: device, dtype, config, sizes and a scratch directory."""
+    """What the sections share: device, dtype, config, sizes, a scratch directory and the report."""
 
-    def __init__(self, tiny: bool, tmp: Path) -> None:
+    def __init__(self, tiny: bool, tmp: Path, out: Path) -> None:
         self.tiny = tiny
+        self.out = out
+        self.report: dict = {"tiny": tiny, "sections": {}}
         self.parity_parts = ("causal", "packed", "greedy")
         self.train_runs: tuple[str, ...] | None = None
         self.device = torch.device("cpu" if tiny else "cuda")
@@ -82,6 +84,13 @@ class Ctx:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def write(self, section: str | None = None, partial: dict | None = None) -> None:
+        """Write the report; with `partial`, what a running section has measured so far (a run stopped at its
+        time limit keeps it)."""
+        if section is not None:
+            self.report["sections"][section] = {**partial, "partial": True}
+        self.out.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
 
 
 def timed(ctx: Ctx, fn, repeats: int = 3) -> float:
@@ -307,6 +316,7 @@ def section_train(ctx: Ctx) -> dict:
         except BaseException as e:  # SystemExit from train.py included: record it, go on
             r[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         print(f"    {name}: {json.dumps(r[name])[:400]}", flush=True)
+        ctx.write("train", r)
     # The paper's recipe on 8 GPUs at these rates, if its traces have these synthetic lengths (mean document
     # ~5.6k tokens) and throughput scales linearly with GPUs (FSDP2's communication is not measured here).
     for suffix in ("", "-compile"):
@@ -457,7 +467,7 @@ def section_sample(ctx: Ctx) -> dict:
     ours = M.load_pretrained(path, device=ctx.device, dtype=ctx.dtype).eval()
     hf = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=ctx.dtype, attn_implementation="sdpa")
     hf = hf.to(ctx.device).eval()
-    return bench_sample.device_cases(ours, hf, ctx.device, tiny=ctx.tiny)
+    return bench_sample.device_cases(ours, hf, ctx.device, tiny=ctx.tiny, progress=lambda r: ctx.write("sample", r))
 
 
 SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "attention": section_attention,
@@ -482,10 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA device: run with --tiny for the CPU smoke test")
     tmp = Path(args.tmp)
     shutil.rmtree(tmp, ignore_errors=True)
-    ctx = Ctx(args.tiny, tmp)
+    ctx = Ctx(args.tiny, tmp, Path(args.out))
     ctx.parity_parts = tuple(args.parity.split(","))
     ctx.train_runs = tuple(args.train_runs.split(",")) if args.train_runs else None
-    report: dict = {"tiny": args.tiny, "sections": {}}
     failed = 0
     for name in names:
         t = time.perf_counter()
@@ -496,9 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
         result["section_s"] = round(time.perf_counter() - t, 1)
-        report["sections"][name] = result
+        ctx.report["sections"][name] = result
         print(json.dumps(result, indent=1, default=str), flush=True)
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        ctx.write()
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     shutil.rmtree(tmp, ignore_errors=True)

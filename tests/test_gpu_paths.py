@@ -54,7 +54,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     report = json.loads(out.read_text())["sections"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert set(report) == {"env", "parity", "train", "attention", "profile", "sample"}
-    assert all("error" not in r for r in report.values())
+    assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
     runs = [r for r in report["train"].values() if isinstance(r, dict) and "stage" in r]
     assert len(runs) == 7 and all(r["tokens_per_s"] > 0 for r in runs)
