@@ -1,11 +1,15 @@
-"""The one prepared device check: everything a session with a lent GPU runs first, in one call.
+"""The one prepared device check: what a session with a lent GPU runs first, before anything else.
 
-    PYTHONUNBUFFERED=1 python bench/gpu.py --out $OUT/gpu.json     # one H100/H200: about 6 minutes
     python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
     python bench/gpu.py --sections parity,train                      # a subset
+    # on a lent GPU all of it is more than one 10-minute call: two calls (estimated ~7 and ~5 minutes)
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,train,profile \
+        --train-runs sft-compile,redi-compile,sft-compile-mlpac,sft-32k,sft --out $OUT/gpu.json
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections parity,sample --parity greedy --out $OUT/gpu.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
-as soon as it ends, so a run killed at its time limit still leaves what it measured:
+as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
+leaves what it measured:
   env     torch/CUDA/cuDNN versions, the device, measured copy bandwidth and bf16 matmul rate, and which SDPA
           backend each of our attention shapes selects (training causal, prefill, decode);
   parity  bf16 logits against transformers (sdpa) on the Qwen2.5-Math-1.5B config with random weights, both
@@ -307,10 +311,14 @@ def section_train(ctx: Ctx) -> dict:
             ("sft-compile-mlpac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "mlp"])]
     if tiny:
         runs = [r[:-1] + (r[-1] + ([] if "--no-ac" in r[-1] else ["--ac"]),) for r in runs]  # the GPU default
+    if ctx.train_runs is not None:  # in the order asked for: the most wanted first, before a time limit
+        by_name = {run[0]: run for run in runs}
+        unknown = set(ctx.train_runs) - set(by_name)
+        if unknown:
+            raise ValueError(f"unknown training runs {sorted(unknown)}; known: {', '.join(by_name)}")
+        runs = [by_name[name] for name in ctx.train_runs]
     r = {}
     for name, *spec in runs:
-        if ctx.train_runs is not None and name not in ctx.train_runs:
-            continue
         try:
             r[name] = train_run(ctx, name, *spec)
         except BaseException as e:  # SystemExit from train.py included: record it, go on
@@ -479,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="every section on CPU with a tiny config (a smoke test)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--parity", default="causal,packed,greedy", help="parity checks to run")
-    p.add_argument("--train-runs", help="training runs to time (default all: sft,redi,sft-32k,sft-compile,"
-                                        "redi-compile,sft-compile-noac,sft-compile-mlpac)")
+    p.add_argument("--train-runs", help="training runs to time, in this order (default all: sft,redi,sft-32k,"
+                                        "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac)")
     p.add_argument("--out", default="gpu.json", help="the JSON report")
     p.add_argument("--tmp", default="/tmp/redi-gpu-check")
     args = p.parse_args(argv)
