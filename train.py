@@ -112,9 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                              "master weights and optimizer state are fp32")
     g.add_argument("--no-ac", action="store_true", help="disable activation checkpointing (on by default on GPU)")
     g.add_argument("--ac", action="store_true", help="enable activation checkpointing on CPU")
-    g.add_argument("--ac-scope", choices=("block", "mlp"), default="block",
-                   help="what activation checkpointing recomputes in backward: each decoder block (least memory), "
-                        "or only each block's MLP (attention's activations are kept, so its forward runs once)")
+    g.add_argument("--ac-scope", choices=("block", "mlp"),
+                   help="what activation checkpointing recomputes in backward (implies it): each decoder block "
+                        "(the default: least memory), or only each block's MLP (attention's activations are "
+                        "kept, so its forward runs once)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps (all go to JSONL)")
@@ -122,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--keep-state", type=int, default=1,
                    help="keep the resumable state of this many newest checkpoints (models are all kept)")
     args = p.parse_args(argv)
+    if args.no_ac and (args.ac or args.ac_scope):
+        p.error("--no-ac contradicts --ac and --ac-scope")
 
     defaults = STAGE_DEFAULTS[args.stage]
     for key, value in defaults.items():
@@ -412,7 +415,8 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     pref = args.stage != "sft"
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
-    ac = args.ac_scope if (device.type == "cuda" and not args.no_ac) or args.ac else None
+    ac_on = (device.type == "cuda" and not args.no_ac) or args.ac or args.ac_scope is not None
+    ac = (args.ac_scope or "block") if ac_on else None
 
     existing = complete_checkpoints(out) if out.is_dir() else []
     # runs written before the marker existed are recognized by their checkpoints

@@ -384,8 +384,13 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("scope", ["block", "mlp"])
-def test_training_with_activation_checkpointing_ends_with_the_same_weights(toy, tmp_path, scope):
+def test_training_with_activation_checkpointing_ends_with_the_same_weights(toy, tmp_path, scope, capsys):
     """train.py --ac --ac-scope: the same final checkpoint, bitwise and with Hugging Face's keys, as without."""
     run(toy, tmp_path / "plain", "--max-steps", "2")
-    run(toy, tmp_path / "ac", "--max-steps", "2", "--ac", "--ac-scope", scope)
+    capsys.readouterr()
+    run(toy, tmp_path / "ac", "--max-steps", "2", "--ac-scope", scope)  # implies --ac on CPU
+    assert f"activation checkpointing of each {scope}" in capsys.readouterr().out
     assert_same_weights(tmp_path / "plain" / "final", tmp_path / "ac" / "final", atol=0)
+    with pytest.raises(SystemExit):
+        T.parse_args(["--stage", "sft", "--model", "m", "--data", "d", "--out", "o", "--no-ac", "--ac-scope", scope])
+    assert "--no-ac contradicts" in capsys.readouterr().err
