@@ -88,6 +88,25 @@ def test_compiled_decoding_equals_the_eager_path(models):
     assert info.hits + info.misses > calls  # the compiled regions ran
 
 
+@pytest.mark.parametrize("arch", [dict(model_type="llama", attention_bias=True, num_key_value_heads=1),
+                                  dict(model_type="qwen3", head_dim=24)])
+def test_compiled_decoding_of_other_architectures(arch):
+    """The compiled layers of a Llama-3 (biased o_proj, GQA 4) and a Qwen3 (per-head q/k norms, head_dim apart
+    from the hidden size) decode as the uncompiled ones, greedy and sampled."""
+    config = M.Qwen2Config(**(dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, tie_word_embeddings=False) | arch))
+    model = M.build_model(config, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3, generator=g)
+    model.eval()
+    for params in (S.SamplingParams(16), S.SamplingParams(16, 1.0, 0.9, seed=2)):
+        runs = [sorted(S.Sampler(model, kv_gib=pool_gib(model, 200), max_slots=4, block_size=4,
+                                 compile=compile).stream(prompts([5, 12, 3]), params, n=2)) for compile in (False, True)]
+        assert runs[0] == runs[1]
+
+
 def test_stop_tokens_end_generation(models):
     ours, hf = models
     batch = prompts([6, 9, 4, 12], seed=3)
