@@ -374,6 +374,7 @@ class Sampler:
             self.cache.decode_buffers(_bucket(max_slots, max_slots))
         self.preemptions = 0
         self.generated, self.decode_s = 0, 0.0  # tokens decoded and seconds spent decoding, for throughput
+        self.capture_s = 0.0  # of decode_s, seconds spent compiling and capturing a new bucket's graph
         self._graphs: dict = {}
 
     def _blocks_for(self, n_tokens: int) -> int:
@@ -570,6 +571,7 @@ class Sampler:
         Captured on padding rows (scratch block 0, position 0), so capturing changes no sequence's state."""
         key = (rows, params)
         if key not in self._graphs:
+            start = time.perf_counter()
             static = DecodeState.empty(rows, self.sync_every, self.device)
             self.cache.set_pages([[0]] * rows)
             stream = torch.cuda.Stream(self.device)
@@ -583,6 +585,7 @@ class Sampler:
                 self._step(static, params)
             self._graphs.setdefault("pool", graph.pool())
             self._graphs[key] = (graph, static)
+            self.capture_s += time.perf_counter() - start
         return self._graphs[key]
 
 
