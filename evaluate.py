@@ -198,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
     p.add_argument("--kv-gib", type=float, help="KV cache memory per rank (default: 70%% of free GPU memory)")
     p.add_argument("--max-slots", type=int, default=256, help="sequences decoded together per rank")
+    p.add_argument("--eager", action="store_true", help="sample without torch.compile or CUDA graphs (on GPU "
+                                                        "much slower: for a setup where compiling fails)")
     p.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per verification")
     p.add_argument("--grading", choices=GRADING, default="paper",
                    help="paper: no </think> is wrong, the last box after it is the answer (the rllm/DeepScaleR "
@@ -274,7 +276,8 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
     pending: dict[int, list] = defaultdict(list)
     generated, t0, last_log = 0, time.time(), 0.0
     finish_times: list[float] = []
-    sampler = sample_lib.Sampler(model, kv_gib=args.kv_gib, max_slots=args.max_slots)
+    eager = dict(cuda_graphs=False, compile=False, in_place=False) if args.eager else {}
+    sampler = sample_lib.Sampler(model, kv_gib=args.kv_gib, max_slots=args.max_slots, **eager)
     with open(out / f"generations.rank{rank}.jsonl", "a") as f:
         for i, j, tokens in sampler.stream(prompts, params, n=args.samples, keys=keys):
             pending[i].append((j, tokens))

@@ -258,7 +258,7 @@ class PagedKVCache:
     def begin(self, position_ids: Tensor) -> model_lib.AttnMask:
         if self._slots_written is not None:  # a prefill: attention within each packed prompt
             self._write = self._slots_written
-            return model_lib.build_mask(position_ids, None, use_flex=position_ids.is_cuda)
+            return model_lib.build_mask(position_ids, None, use_flex=position_ids.is_cuda and self.in_place)
         bs = self.block_size
         if self.in_place:
             B = position_ids.shape[0]
@@ -343,7 +343,8 @@ class Sampler:
     GPU: its ~70 passes over (B, vocab) fuse into a few). compile: run each decoding step's layers compiled
     around attention (model._compiled_regions; default: with cuda_graphs). in_place: decode
     attention reads the KV pool in place (default on GPU; on CPU it is exact too, but flex_attention runs
-    uncompiled there and is slower than gathering).
+    uncompiled there and is slower than gathering). With cuda_graphs, compile and in_place all False, nothing
+    is compiled, on GPU too: prefill then gathers each prompt's tokens for SDPA as on CPU.
     """
 
     def __init__(self, model: model_lib.Qwen2ForCausalLM, *, kv_gib: float | None = None, max_slots: int = 256,
