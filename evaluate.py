@@ -23,6 +23,7 @@ one holding it, and resumes only with the same settings and the same weights (a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -278,7 +279,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
     finish_times: list[float] = []
     eager = dict(cuda_graphs=False, compile=False, in_place=False) if args.eager else {}
     sampler = sample_lib.Sampler(model, kv_gib=args.kv_gib, max_slots=args.max_slots, **eager)
-    with open(out / f"generations.rank{rank}.jsonl", "a") as f:
+    with open(out / f"generations.rank{rank}.jsonl", "a") as f, _eager_hint():
         for i, j, tokens in sampler.stream(prompts, params, n=args.samples, keys=keys):
             pending[i].append((j, tokens))
             generated += len(tokens)
@@ -302,6 +303,17 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
     if rank == 0:
         report(args, out, benches, problems)
     dist.barrier(group=finish_line)
+
+
+@contextlib.contextmanager
+def _eager_hint():
+    """A failure of torch.compile while sampling ends the run with the way around it: the finished problems
+    are on disk, and --eager (not a setting) resumes them without compiling."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as e:
+        raise SystemExit(f"error: compiling the sampler failed ({type(e).__name__}: {str(e)[:500]}); rerun the "
+                         f"same command with --eager to go on without compiling (finished problems are kept)") from e
 
 
 def report(args, out: Path, benches, problems) -> None:

@@ -80,6 +80,23 @@ def test_eager_sampling_gives_the_same_generations(toy, tmp_path):
     assert [r["completion"] for r in eager] == [r["completion"] for r in default]
 
 
+def test_a_compile_failure_while_sampling_points_to_eager(toy, tmp_path, monkeypatch):
+    """torch.compile failing inside the sampler ends the run with a clear error naming --eager, which then
+    resumes the same --out."""
+    real = S.Sampler.stream
+
+    def failing(self, prompts, params, n=1, keys=None):
+        yield from list(real(self, prompts[:1], params, n, keys[:1]))  # the first problem finishes
+        raise torch._dynamo.exc.TorchDynamoException("inductor could not compile")
+    monkeypatch.setattr(S.Sampler, "stream", failing)
+    with pytest.raises(SystemExit, match="rerun the same command with --eager"):
+        run(toy, tmp_path / "o", "--limit", "3")
+    assert len((tmp_path / "o" / "generations.rank0.jsonl").read_text().splitlines()) == 3  # 3 samples kept
+    monkeypatch.setattr(S.Sampler, "stream", real)
+    _, records = run(toy, tmp_path / "o", "--limit", "3", "--eager")
+    assert len(records) == 9
+
+
 def scripted_stream(correct_of):
     """A stand-in for the sampler: every sample answers with the gold answer when correct_of(problem,
     sample) says so, else with a wrong one."""
