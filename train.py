@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(the default: least memory), or only each block's MLP (attention's activations are "
                         "kept, so its forward runs once)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    g.add_argument("--eager", action="store_true", help="compile nothing, not even the chunked head's softmax "
+                                                        "(compiled by default on GPU): where compiling fails")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps (all go to JSONL)")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.no_ac and (args.ac or args.ac_scope):
         p.error("--no-ac contradicts --ac and --ac-scope")
+    if args.eager and args.compile:
+        p.error("--eager contradicts --compile")
 
     defaults = STAGE_DEFAULTS[args.stage]
     for key, value in defaults.items():
@@ -210,11 +214,13 @@ def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: 
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
-def sequence_logps(model: model_lib.Qwen2ForCausalLM, mb: data_lib.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: model_lib.Qwen2ForCausalLM, mb: data_lib.MicroBatch,
+                   compile_head: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (S,) and token counts (S,) of the micro-batch's sequences, from one packed forward.
-    The head runs only on loss tokens, in chunks (losses.token_logprobs)."""
+    The head runs only on loss tokens, in chunks (losses.token_logprobs; compile_head: its `compile`)."""
     hidden = model(mb.input_ids, position_ids=mb.position_ids, return_hidden=True)[0]  # (T, H)
-    tok = losses.token_logprobs(hidden[mb.loss_index], model.lm_head.weight, mb.loss_target)  # (N,) fp32
+    tok = losses.token_logprobs(hidden[mb.loss_index], model.lm_head.weight, mb.loss_target,
+                                compile=compile_head)  # (N,) fp32
     logps = torch.zeros(mb.n_seqs, device=tok.device).index_add(0, mb.loss_seq, tok)  # (S,)
     lengths = torch.bincount(mb.loss_seq, minlength=mb.n_seqs).float()  # (S,)
     return logps, lengths
@@ -347,7 +353,7 @@ def reference_logps(model, data: data_lib.TokenData, args, device: torch.device,
     found = []
     for step in range(len(loader)):
         for mb in loader.micro_batches(0, step):
-            logps, _ = sequence_logps(model, mb.to(device))
+            logps, _ = sequence_logps(model, mb.to(device), False if args.eager else None)
             found += [(int(e), float(c), float(r)) for e, c, r in
                       zip(mb.example_ids[0::2], logps[0::2].tolist(), logps[1::2].tolist())]
     gathered = [found]
@@ -493,7 +499,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         try:
             for mb in loader.micro_batches(epoch, in_epoch):
                 mb = mb.to(device)
-                logps, lengths = sequence_logps(model, mb)
+                logps, lengths = sequence_logps(model, mb, False if args.eager else None)
                 loss, pair_stats = stage_loss(args, logps, lengths, mb, ref, n_examples, n_loss_tokens)
                 # FSDP averages gradients over ranks; the loss is already a share of the global mean
                 (loss * world).backward()
@@ -503,6 +509,9 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
             less = {None: " or enable activation checkpointing (drop --no-ac)", "mlp": " or pass --ac-scope block"}
             raise SystemExit(f"error: out of memory at step {step + 1} (rank {rank}, micro-batches of up to "
                              f"{args.micro_tokens} tokens): lower --micro-tokens{less.get(ac, '')}") from None
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise SystemExit(f"error: torch.compile failed at step {step + 1} ({type(e).__name__}: {str(e)[:500]}); "
+                             f"rerun without --compile, or with --eager to compile nothing") from e
         stats = torch.cat([stats, torch.tensor(host_stats, device=device)])
         dist.all_reduce(stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
