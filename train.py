@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import data as data_lib
 import losses
@@ -112,10 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                              "master weights and optimizer state are fp32")
     g.add_argument("--no-ac", action="store_true", help="disable activation checkpointing (on by default on GPU)")
     g.add_argument("--ac", action="store_true", help="enable activation checkpointing on CPU")
-    g.add_argument("--ac-scope", choices=("block", "mlp"),
+    g.add_argument("--ac-scope", choices=("block", "mlp", "ops"),
                    help="what activation checkpointing recomputes in backward (implies it): each decoder block "
-                        "(the default: least memory), or only each block's MLP (attention's activations are "
-                        "kept, so its forward runs once)")
+                        "(the default: least memory); only each block's MLP (attention's forward runs once); or "
+                        "only the elementwise work (every matmul's and attention's output is kept: nearly no "
+                        "recompute, more memory; needs --compile)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     g.add_argument("--eager-head", action="store_true",
                    help="do not compile the chunked head's softmax (compiled by default on GPU), where compiling it "
@@ -128,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.no_ac and (args.ac or args.ac_scope):
         p.error("--no-ac contradicts --ac and --ac-scope")
+    if args.ac_scope == "ops" and not args.compile:
+        # uncompiled, its policy runs as a dispatch mode, under which torch.compile leaves flex_attention to run
+        # eagerly: with the (T, T) scores of every packed row materialized
+        p.error("--ac-scope ops needs --compile")
 
     defaults = STAGE_DEFAULTS[args.stage]
     for key, value in defaults.items():
@@ -177,13 +184,30 @@ def load_model(path: str, args) -> model_lib.Qwen2ForCausalLM:
     return model
 
 
+# What activation checkpointing of scope "ops" keeps: the outputs of the matmuls and of attention, the work
+# that costs FLOPs to redo (torchtitan's selective op checkpointing, without its every-other-matmul thinning).
+_KEPT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.higher_order.flex_attention}
+
+
+def _keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def checkpoint_activations(model: model_lib.Qwen2ForCausalLM, scope: str) -> None:
-    """Recompute in backward, rather than keep, the activations of each decoder block (scope "block") or only
+    """Recompute in backward, rather than keep, the activations of each decoder block (scope "block"), only
     of each block's MLP (scope "mlp": its SwiGLU intermediates are most of a block's activations, while
-    attention's forward, the slowest part to run again, is kept)."""
+    attention's forward, the slowest part to run again, is kept), or only each block's elementwise work
+    (scope "ops": norms, RoPE, residuals and SwiGLU's activation are redone, _KEPT_OPS' outputs kept)."""
     for i, block in enumerate(model.model.layers):
         if scope == "block":
             model.model.layers[i] = checkpoint_wrapper(block)
+        elif scope == "ops":
+            model.model.layers[i] = checkpoint_wrapper(block, context_fn=functools.partial(
+                create_selective_checkpoint_contexts, _keep_matmuls_and_attention))
         elif scope == "mlp":
             block.mlp = checkpoint_wrapper(block.mlp)
         else:
@@ -192,7 +216,7 @@ def checkpoint_activations(model: model_lib.Qwen2ForCausalLM, scope: str) -> Non
 
 def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: str | None, compile: bool,
                 bf16: bool) -> None:
-    """Activation checkpointing (ac: None, "block" or "mlp", see --ac-scope), then torch.compile, per decoder
+    """Activation checkpointing (ac: None, "block", "mlp" or "ops", see --ac-scope), then torch.compile, per decoder
     block; then FSDP2 per block and at the root.
 
     fully_shard keeps fp32 master weights sharded across ranks; MixedPrecisionPolicy all-gathers them as bf16
@@ -477,7 +501,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     log(f"{args.stage}: {n_params:,} parameters, {len(loader.examples):,} examples ({loader.dropped:,} longer "
         f"than {args.max_len} tokens dropped, {loader.truncated:,} truncated), {total} steps of "
         f"{args.batch_size}, {world} rank(s) on {device.type}, {'bf16' if bf16 else 'fp32'}, "
-        f"activation checkpointing {f'of each {ac}' if ac else 'off'}")
+        f"activation checkpointing {ac or 'off'}")
     peak_flops = next((f for name, f in PEAK_FLOPS if device.type == "cuda" and
                        name in torch.cuda.get_device_name(device)), None)
     params = [p for p in model.parameters()]

@@ -4,7 +4,7 @@
     python bench/gpu.py --sections parity,train                      # a subset
     # on a lent GPU all of it is more than one 10-minute call: two calls (estimated ~7 and ~5 minutes)
     PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,train,profile \
-        --train-runs sft-compile,redi-compile,sft-compile-mlpac,sft-32k,sft --out $OUT/gpu.json
+        --train-runs sft-compile,sft-compile-opsac,redi-compile,sft-compile-mlpac,sft-32k --out $OUT/gpu.json
     PYTHONUNBUFFERED=1 python bench/gpu.py --sections parity,sample --parity greedy --out $OUT/gpu.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
@@ -17,7 +17,8 @@ leaves what it measured:
           against per-document forwards, and greedy decoding (sample.py) against transformers' argmax;
   train   train.py's own code path (FSDP2 on one rank, bf16, activation checkpointing) for SFT and REDI on
           packed ragged 16k-token micro-batches and on one 32k-token sequence, with and without --compile
-          (and compiled with no activation checkpointing, and with it on the MLPs only, --ac-scope mlp):
+          (and compiled with no activation checkpointing, and with it on the MLPs only or on the elementwise
+          work only, --ac-scope mlp and ops):
           first-step (compile/warm-up) time, step time, tokens/s, MFU (6N + 12 L d T), peak memory; and the
           chunked head (losses.token_logprobs) alone at 16k and 32k tokens;
   sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases).
@@ -308,7 +309,8 @@ def section_train(ctx: Ctx) -> dict:
             ("sft-compile", "sft", 8, sft_len, budget, steps + 1, ["--compile"]),
             ("redi-compile", "redi", 4, pref_len, budget, steps + 1, ["--compile"]),
             ("sft-compile-noac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--no-ac"]),
-            ("sft-compile-mlpac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "mlp"])]
+            ("sft-compile-mlpac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "mlp"]),
+            ("sft-compile-opsac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "ops"])]
     if tiny:
         runs = [r[:-1] + (r[-1] + ([] if "--no-ac" in r[-1] else ["--ac"]),) for r in runs]  # the GPU default
     if ctx.train_runs is not None:  # in the order asked for: the most wanted first, before a time limit
@@ -488,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--parity", default="causal,packed,greedy", help="parity checks to run")
     p.add_argument("--train-runs", help="training runs to time, in this order (default all: sft,redi,sft-32k,"
-                                        "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac)")
+                                        "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac,"
+                                        "sft-compile-opsac)")
     p.add_argument("--out", default="gpu.json", help="the JSON report")
     p.add_argument("--tmp", default="/tmp/redi-gpu-check")
     args = p.parse_args(argv)

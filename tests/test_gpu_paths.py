@@ -57,7 +57,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
     runs = [r for r in report["train"].values() if isinstance(r, dict) and "stage" in r]
-    assert len(runs) == 7 and all(r["tokens_per_s"] > 0 for r in runs)
+    assert len(runs) == 8 and all(r["tokens_per_s"] > 0 for r in runs)
     assert report["train"]["recipe_projection"]["sft_5_epochs_h"] > 0
     sample = report["sample"]
     assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
