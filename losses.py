@@ -59,9 +59,11 @@ def _logsumexp_and_pick(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor
 
 
 def _dlogits(logits: Tensor, lse: Tensor, targets: Tensor, grad: Tensor) -> Tensor:
-    """grad * d logp_t / d logits = grad (onehot(t) - softmax), (c, V) in the logits' dtype."""
+    """grad * d logp_t / d logits = grad (onehot(t) - softmax), (c, V) in the logits' dtype, rounded as
+    -grad * softmax, then + grad at the target (a change of one rounding here changes the demo's outcome)."""
     onehot = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]  # (c, V)
-    return (grad[:, None] * (onehot.float() - (logits.float() - lse[:, None]).exp())).to(logits.dtype)
+    d = (logits.float() - lse[:, None]).exp() * -grad[:, None]
+    return torch.where(onehot, d + grad[:, None], d).to(logits.dtype)
 
 
 @functools.cache
