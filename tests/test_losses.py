@@ -100,3 +100,15 @@ def test_dpo_gradient_weights_summed_logprobs_by_beta_sigmoid():
     weight = beta * torch.sigmoid(-beta * torch.tensor(2.0 + 3.0))  # -beta * margin where margin = 5
     torch.testing.assert_close(c.grad, -weight.reshape(1))
     torch.testing.assert_close(r.grad, weight.reshape(1))
+
+
+def test_the_head_gradient_keeps_its_rounding():
+    """The demo's outcome turns on single roundings (BENCHMARKS.md, "Rounding"): uncompiled, the head's
+    gradient is -grad * softmax, then + grad at the target, bit for bit as before its rewrite."""
+    g = torch.Generator().manual_seed(0)
+    logits, grad = torch.randn(64, 37, generator=g), torch.randn(64, generator=g)
+    targets = torch.randint(0, 37, (64,), generator=g)
+    lse = logits.logsumexp(dim=-1)
+    expected = (logits - lse[:, None]).exp().mul_(-grad[:, None])
+    expected[torch.arange(64), targets] += grad
+    assert torch.equal(L._dlogits(logits, lse, targets, grad), expected)
