@@ -45,6 +45,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 MARKER = "DEMO"  # marks --out as a demo's: the only non-empty directory the demo writes into
+# The arguments that shape a demo's results, kept in <out>/SETTINGS: a finished stage is skipped when the demo
+# is continued, so continuing with other values would report the old results under the new ones.
+SETTINGS, SETTINGS_FILE = ("seed", "n_train", "n_test", "sft_epochs", "lr2", "steps2", "save_every2",
+                           "samples"), "settings.json"
 # Stage 2: (run directory, alpha, label); all three start from the SFT model and share the learning rate.
 STAGE2 = (("control", 0.0, "alpha 0 (control)"), ("redi", 0.8, "alpha 0.8 (REDI)"),
           ("symmetric", 1.0, "alpha 1 (symmetric)"))
@@ -224,8 +228,16 @@ def main(argv: list[str] | None = None) -> None:
                  f"choose another --out")
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    if (out / SETTINGS_FILE).is_file():
+        old = json.loads((out / SETTINGS_FILE).read_text())
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            sys.exit(f"error: {out} holds a demo made with {', '.join(changed)}; continuing it would report its "
+                     f"old results: pass --fresh to start over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by demo.py; `python demo.py` continues it, `--fresh` starts over\n")
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     t0 = time.time()
     figure, where = None, ["setup"]
     try:

@@ -85,7 +85,7 @@ def demo_args(**kw):
 
 def test_demo_refuses_a_foreign_directory_and_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the SFT stage ends with one line; the rerun skips the finished stages and resumes training,
-    and runs the three stage-2 trainings side by side."""
+    and runs the three stage-2 trainings side by side; a rerun with other settings is refused."""
     import demo
 
     (tmp_path / "mine").mkdir()
@@ -134,6 +134,10 @@ def test_demo_refuses_a_foreign_directory_and_resumes_after_ctrl_c(tmp_path, mon
     assert all(c.startswith("evaluate.py") for c in rerun[2:])
     printed = capsys.readouterr().out
     assert "toy corpus: done in an earlier run" in printed and "pip install matplotlib" in printed
+    # continued with another stage-2 rate, the finished stages would report their old results as the new ones
+    with pytest.raises(SystemExit, match=r"made with --lr2 0.0003 \(now 0.0005\).*--fresh"):
+        demo.main(["--out", str(out), "--lr2", "5e-4"])
+    assert len(ran) == 10  # nothing ran
 
 
 def test_demo_pipeline_end_to_end_on_a_smaller_setting(tmp_path, capsys):
