@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 MARKER = "DEMO"  # marks --out as a demo's: the only non-empty directory the demo writes into
-# The arguments that shape a demo's results, kept in <out>/SETTINGS: a finished stage is skipped when the demo
+# The arguments that shape a demo's results, kept in <out>/settings.json: a finished stage is skipped when the demo
 # is continued, so continuing with other values would report the old results under the new ones.
 SETTINGS, SETTINGS_FILE = ("seed", "n_train", "n_test", "sft_epochs", "lr2", "steps2", "save_every2",
                            "samples"), "settings.json"

@@ -216,8 +216,8 @@ def checkpoint_activations(model: model_lib.Qwen2ForCausalLM, scope: str) -> Non
 
 def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: str | None, compile: bool,
                 bf16: bool) -> None:
-    """Activation checkpointing (ac: None, "block", "mlp" or "ops", see --ac-scope), then torch.compile, per decoder
-    block; then FSDP2 per block and at the root.
+    """Activation checkpointing (ac: None, "block", "mlp" or "ops", see --ac-scope), then torch.compile, per
+    decoder block; then FSDP2 per block and at the root.
 
     fully_shard keeps fp32 master weights sharded across ranks; MixedPrecisionPolicy all-gathers them as bf16
     for compute and reduces gradients in fp32. The embedding, final norm and (tied) head live in the root
@@ -529,7 +529,8 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                 stats += torch.stack([x.double() for x in (loss.detach(), *pair_stats)])  # no host sync
                 host_stats += (sum(mb.doc_lengths), flops(config, n_params, mb.doc_lengths))
         except torch.cuda.OutOfMemoryError:
-            less = {None: " or enable activation checkpointing (drop --no-ac)", "mlp": " or pass --ac-scope block"}
+            less = {None: " or enable activation checkpointing (drop --no-ac)", "mlp": " or pass --ac-scope block",
+                    "ops": " or pass --ac-scope block"}
             raise SystemExit(f"error: out of memory at step {step + 1} (rank {rank}, micro-batches of up to "
                              f"{args.micro_tokens} tokens): lower --micro-tokens{less.get(ac, '')}") from None
         except torch._dynamo.exc.TorchDynamoException as e:
