@@ -310,7 +310,8 @@ def section_train(ctx: Ctx) -> dict:
             ("redi-compile", "redi", 4, pref_len, budget, steps + 1, ["--compile"]),
             ("sft-compile-noac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--no-ac"]),
             ("sft-compile-mlpac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "mlp"]),
-            ("sft-compile-opsac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "ops"])]
+            ("sft-compile-opsac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "ops"]),
+            ("redi-compile-opsac", "redi", 4, pref_len, budget, steps + 1, ["--compile", "--ac-scope", "ops"])]
     if tiny:
         runs = [r[:-1] + (r[-1] + ([] if "--no-ac" in r[-1] else ["--ac"]),) for r in runs]  # the GPU default
     if ctx.train_runs is not None:  # in the order asked for: the most wanted first, before a time limit
@@ -329,7 +330,7 @@ def section_train(ctx: Ctx) -> dict:
         ctx.write("train", r)
     # The paper's recipe on 8 GPUs at these rates, if its traces have these synthetic lengths (mean document
     # ~5.6k tokens) and throughput scales linearly with GPUs (FSDP2's communication is not measured here).
-    for suffix in ("", "-compile"):
+    for suffix in ("", "-compile", "-compile-opsac"):
         sft, redi = r.get("sft" + suffix, {}), r.get("redi" + suffix, {})
         if "tokens_per_s" in sft and "tokens_per_s" in redi:
             hours_sft = 77_629 * 5 * float(sft_len.sum(1).mean()) / (8 * sft["tokens_per_s"]) / 3600
@@ -491,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parity", default="causal,packed,greedy", help="parity checks to run")
     p.add_argument("--train-runs", help="training runs to time, in this order (default all: sft,redi,sft-32k,"
                                         "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac,"
-                                        "sft-compile-opsac)")
+                                        "sft-compile-opsac,redi-compile-opsac)")
     p.add_argument("--out", default="gpu.json", help="the JSON report")
     p.add_argument("--tmp", default="/tmp/redi-gpu-check")
     args = p.parse_args(argv)
