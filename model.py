@@ -264,14 +264,16 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-def _flex_decode(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+def _flex_decode(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask,
+                 kernel_options: dict[str, Any] | None = None) -> Tensor:
     """One query per row over a shared KV pool: q (B, H, 1, hd), k/v (1, Hkv, S, hd). Each KV head's group of
     H/Hkv query heads is passed as that head's H/Hkv queries, so the kernel reads every KV block once per KV
     head, not once per query head (flex_attention's own GQA support falls back to one block per query head
     when H/Hkv is not a power of two, as Qwen2.5-1.5B's 12/2). The mask must not depend on the query index."""
     B, H, _, hd = q.shape
     Hkv = k.shape[1]
-    y = flex_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, block_mask=block_mask)  # (B, Hkv, H/Hkv, hd)
+    y = flex_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, block_mask=block_mask,
+                       kernel_options=kernel_options)  # (B, Hkv, H/Hkv, hd)
     return y.reshape(B, H, 1, hd)
 
 
@@ -281,6 +283,28 @@ def _compiled_flex_decode():
     # make the query length dynamic), with static shapes: inductor uses its split-KV decoding kernel only for a
     # static batch, so each batch bucket of the sampler compiles once.
     return torch.compile(_flex_decode, dynamic=False)
+
+
+def decode_split_kv(batch: int, kv_heads: int, sms: int) -> int:
+    """Thread blocks per (row, KV head) in a decoding step's attention: flex_attention's SPLIT_KV. Enough for
+    about four per SM, since each streams its keys with little memory-level parallelism of its own (inductor's
+    default, 2 * SMs // (batch * kv_heads), is 1 from batch 67 on with 2 KV heads on 132 SMs); at most 64."""
+    return max(1, min(64, -(-4 * sms // (batch * kv_heads))))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """_flex_decode compiled for CUDA, with each row's keys split decode_split_kv ways."""
+    options = {"SPLIT_KV": decode_split_kv(q.shape[0], k.shape[1], _sm_count(q.device))}
+    # One static compile per batch bucket: 9 for 256 slots, above dynamo's default limit of 8 compiles per
+    # function, past which it would run the 9th bucket's attention uncompiled (the whole pool's scores).
+    limit = max(64, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled_flex_decode()(q, k, v, block_mask, options)
 
 
 # SDPA backends allowed on CUDA. cuDNN, which torch 2.11 picks first on Hopper, builds a graph for every new
@@ -302,7 +326,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     BlockMask, k/v may also be (1, Hkv, S, hd), shared by every row (the sampler's paged KV pool)."""
     if mask.block is not None:
         if q.shape[2] == 1 and k.shape[0] == 1:  # the sampler's paged decoding
-            return (_compiled_flex_decode() if q.is_cuda else _flex_decode)(q, k, v, mask.block)
+            return (_decode_attention if q.is_cuda else _flex_decode)(q, k, v, mask.block)
         fn = _compiled_flex_attention() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=mask.block, enable_gqa=True)
     if mask.doc_index is not None:

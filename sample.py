@@ -234,7 +234,6 @@ class PagedKVCache:
                 raise RuntimeError("decode buffers are allocated once, at the largest batch")
             self.rows = rows
             self.page_table = torch.zeros(rows, self.n_blocks, dtype=torch.int32, device=self.device)
-            self.last_page = torch.zeros(rows, self.n_blocks, dtype=torch.int32, device=self.device)
             self.logical = torch.full((rows, self.n_blocks + 1), -1, dtype=torch.int32, device=self.device)
 
     def set_pages(self, pages: Sequence[Sequence[int]]) -> None:
@@ -271,22 +270,24 @@ class PagedKVCache:
         return model_lib.AttnMask(dense=(slots <= position_ids[:, :, None])[:, None])  # (B, 1, T, S)
 
     def _block_mask(self, lengths: Tensor) -> BlockMask:
-        """Row b attends to its lengths[b] cached positions: its full blocks (no mask evaluated there) and its
-        partial last block, where the mask keeps the positions below its length. The queries of a row are the
-        query heads of one KV head (model._flex_decode), so the mask ignores the query index."""
+        """Row b attends to its lengths[b] cached positions: its blocks, in order, with the mask keeping the
+        positions below its length. The queries of a row are the query heads of one KV head
+        (model._flex_decode), so the mask ignores the query index.
+
+        Every block is listed as partial (mask evaluated: one compare per key), none as full. flex_attention's
+        decoding kernel splits a row's partial blocks over SPLIT_KV thread blocks, but splits its full blocks
+        over the whole pool's length, so with full blocks one thread block streamed each row's entire context:
+        at batch 64 x 8k that was 128 thread blocks on 132 SMs, 9% of the bandwidth roofline (H100)."""
         B, bs = lengths.shape[0], self.block_size
-        full = (lengths // bs).int()  # (B,)
-        partial = (lengths % bs != 0).int()  # (B,) 0 or 1
-        self.last_page[:B, 0] = self.page_table[:B].gather(1, full.clamp(max=self.n_blocks - 1)[:, None].long())[:, 0]
+        n_blocks = (lengths + bs - 1) // bs  # (B,)
         logical, lens = self.logical[:B], lengths
 
         def mask_mod(b, h, q_idx, kv_idx):
             page = logical[b, kv_idx // bs]
             return (page >= 0) & (page * bs + kv_idx % bs < lens[b])
-        return BlockMask.from_kv_blocks(partial[:, None, None], self.last_page[:B, None, None],
-                                        full[:, None, None], self.page_table[:B, None, None], BLOCK_SIZE=bs,
-                                        mask_mod=mask_mod, seq_lengths=(self.group, self.n_blocks * bs),
-                                        compute_q_blocks=False)
+        return BlockMask.from_kv_blocks(n_blocks.int()[:, None, None], self.page_table[:B, None, None],
+                                        BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                        seq_lengths=(self.group, self.n_blocks * bs), compute_q_blocks=False)
 
     def advance(self, position_ids: Tensor) -> None:
         pass

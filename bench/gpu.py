@@ -2,10 +2,11 @@
 
     python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
     python bench/gpu.py --sections parity,train                      # a subset
-    # on a lent GPU all of it is more than one 10-minute call: two calls (estimated ~7 and ~5 minutes)
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,train,profile \
-        --train-runs sft-compile,sft-compile-opsac,redi-compile,sft-compile-mlpac,sft-32k --out $OUT/gpu.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections parity,sample --parity greedy --out $OUT/gpu.json
+    # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26) the first compile of
+    # --ac-scope ops took 260 s; sample took 245 s and parity greedy 96 s. Two calls, the second at once:
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections decode,sample,parity --parity greedy --out $OUT/gpu1.json
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,train \
+        --train-runs sft-compile-mlpac,sft-compile-opsac,redi-compile-opsac --out $OUT/gpu2.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
@@ -21,6 +22,8 @@ leaves what it measured:
           work only, --ac-scope mlp and ops):
           first-step (compile/warm-up) time, step time, tokens/s, MFU (6N + 12 L d T), peak memory; and the
           chunked head (losses.token_logprobs) alone at 16k and 32k tokens;
+  decode  one layer's decode attention alone over a paged pool, for ways of launching flex_attention's
+          decoding kernel (block mask layout, SPLIT_KV, pipelining, warps): microseconds and bandwidth share;
   sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases).
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gzip
 import json
 import shutil
@@ -260,6 +264,7 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     timed_steps = log[2:] if len(log) > 2 else log[-1:]
     mfu = [x["mfu"] for x in timed_steps if x["mfu"] is not None]
     return {"stage": stage, "micro_tokens": budget, "steps": len(log), "wall_s": wall,
+            "each_step_s": [x["step_s"] for x in log], "each_step_mfu": [x["mfu"] for x in log],
             "first_step_s": log[0]["step_s"], "step_s": statistics.median(x["step_s"] for x in timed_steps),
             "tokens_per_step": statistics.median(x["tokens"] for x in timed_steps),
             "tokens_per_s": statistics.median(x["tokens_per_s"] for x in timed_steps),
@@ -468,6 +473,72 @@ def section_profile(ctx: Ctx) -> dict:
             "mfu_if_h100_peak": n_flops / wall / 989e12, "top": top}
 
 
+@torch.no_grad()
+def section_decode(ctx: Ctx) -> dict:
+    """One layer's decode attention alone (model._flex_decode compiled over a paged pool, bf16), for ways of
+    launching flex_attention's decoding kernel: the block mask with each row's whole blocks listed as full
+    (what the sampler did until 2026-11-26: the kernel then splits those over the pool's length, so one thread
+    block reads a row's entire context), with them listed as partial (sample.PagedKVCache._block_mask now),
+    inductor's SPLIT_KV or ours (model.decode_split_kv), and other pipelining depths and warps. Each variant is
+    checked against the uncompiled path, and timed as microseconds per call and the share of the measured copy
+    bandwidth its KV reads reach (the sampler's step does this once per layer)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    c, dev = ctx.config, ctx.device
+    H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    bs = 32 if ctx.tiny else 128  # the sampler's block sizes on CPU and GPU
+    bw = bench_sample.bandwidth(dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+    r = {"copy_gb_s": bw / 1e9}
+    for B, n in ((2, 300), (4, 500)) if ctx.tiny else ((1, 1000), (64, 8000), (256, 8000)):
+        one = S.PagedKVCache(dataclasses.replace(c, num_hidden_layers=1),
+                             n_blocks=B * -(-n // bs) + 1, block_size=bs, device=dev, dtype=ctx.dtype, in_place=True)
+        g = torch.Generator(device=dev).manual_seed(0)
+        one.k.normal_(generator=g)
+        one.v.normal_(generator=g)
+        blocks = (torch.randperm(one.n_blocks - 1, generator=torch.Generator().manual_seed(B)) + 1).tolist()
+        per_row = -(-n // bs)
+        one.decode_buffers(B)
+        one.set_pages([blocks[i * per_row:(i + 1) * per_row] for i in range(B)])
+        lengths = torch.full((B,), n, device=dev)
+        q = torch.randn(B, H, 1, hd, device=dev, dtype=ctx.dtype, generator=g)
+        k, v = one.k[0][None], one.v[0][None]
+        partial = one._block_mask(lengths)
+        full_n = (lengths // bs).int()
+        last = one.page_table[:B].gather(1, full_n.clamp(max=one.n_blocks - 1)[:, None].long())
+        full = BlockMask.from_kv_blocks((lengths % bs != 0).int()[:, None, None],
+                                        torch.cat([last, torch.zeros_like(one.page_table[:B, 1:])], 1)[:, None, None],
+                                        full_n[:, None, None], one.page_table[:B, None, None], BLOCK_SIZE=bs,
+                                        mask_mod=partial.mask_mod, seq_lengths=partial.seq_lengths,
+                                        compute_q_blocks=False)
+        want = M._flex_decode(q.float(), k.float(), v.float(), partial)
+        ours = M.decode_split_kv(B, Hkv, sms)
+        variants = {"full blocks, inductor's split": (full, None),
+                    "partial blocks, inductor's split": (partial, None),
+                    f"partial blocks, SPLIT_KV {ours} (the sampler's)": (partial, {"SPLIT_KV": ours}),
+                    "... num_stages 3": (partial, {"SPLIT_KV": ours, "num_stages": 3}),
+                    "... num_warps 4": (partial, {"SPLIT_KV": ours, "num_warps": 4}),
+                    "... num_stages 3, num_warps 4": (partial, {"SPLIT_KV": ours, "num_stages": 3, "num_warps": 4})}
+        case = {}
+        kv_bytes = B * n * Hkv * hd * 2 * ctx.dtype.itemsize
+        for name, (mask, options) in variants.items():
+            try:
+                torch._dynamo.reset()
+                # on CPU the sampler runs it uncompiled (inductor's CPU flex template fails to build some of
+                # these masks), so the smoke test does too
+                fn = torch.compile(M._flex_decode, dynamic=False) if dev.type == "cuda" else M._flex_decode
+                got = fn(q, k, v, mask, options)
+                err = float((got.float() - want).abs().max())
+                s = timed(ctx, lambda: fn(q, k, v, mask, options), 20)
+                case[name] = {"us": 1e6 * s, "of_copy_bandwidth": kv_bytes / s / bw, "max_err_vs_fp32": err,
+                              "ok": err < 0.05}
+            except Exception as e:
+                case[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"    {B} x {n}, {name}: {json.dumps(case[name])}", flush=True)
+        r[f"batch {B}, {n} positions"] = case
+        ctx.write("decode", r)
+    return r
+
+
 # -----------------------------------------------------------------------------
 # 4. sampling
 
@@ -482,7 +553,7 @@ def section_sample(ctx: Ctx) -> dict:
 
 
 SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "attention": section_attention,
-            "profile": section_profile, "sample": section_sample}
+            "profile": section_profile, "decode": section_decode, "sample": section_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

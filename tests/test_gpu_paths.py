@@ -29,6 +29,43 @@ def test_compiled_flex_document_mask_matches_the_dense_reference():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
+    """The sampler's decode attention compiles once per batch-size bucket (static shapes): 9 buckets for 256
+    slots, one more than dynamo's default limit of 8 compiles per function, past which a bucket would run
+    uncompiled. With the limit lowered to 2, three batch sizes through model._decode_attention still make
+    three compiled frames (called bare, the third is skipped), each equal to the eager path on the sampler's own
+    page-table block mask (the CUDA-only SM count stubbed)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    import sample as S
+    config = M.Qwen2Config(vocab_size=64, hidden_size=96, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=6, num_key_value_heads=2)
+    cache = S.PagedKVCache(config, n_blocks=12, block_size=16, device="cpu", dtype=torch.float32, in_place=True)
+    g = torch.Generator().manual_seed(0)
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    cache.decode_buffers(4)
+    cache.set_pages([[3, 5, 1], [2], [7, 4, 6, 8], [9, 10]])
+    lengths = torch.tensor([40, 9, 64, 17])
+    monkeypatch.setattr(M, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+
+    def graphs(fn):
+        torch._dynamo.reset()
+        before = counters["frames"]["ok"]
+        for B in (1, 2, 4):
+            mask = cache._block_mask(lengths[:B])
+            q = torch.randn(B, 6, 1, 16, generator=g)
+            got = fn(q, cache.k[0][None], cache.v[0][None], mask)
+            torch.testing.assert_close(got, M._flex_decode(q, cache.k[0][None], cache.v[0][None], mask),
+                                       rtol=1e-5, atol=1e-5)
+        return counters["frames"]["ok"] - before  # frames compiled (not skipped for the limit)
+    assert graphs(M._compiled_flex_decode()) == 2
+    assert graphs(M._decode_attention) == 3
+    assert M.decode_split_kv(64, 2, 132) == 5 and M.decode_split_kv(256, 2, 132) == 2
+    assert M.decode_split_kv(1, 2, 132) == 64 and M.decode_split_kv(1024, 8, 132) == 1
+
+
 def test_rope_stays_fp32_under_fsdp2_mixed_precision():
     """FSDP2 with bf16 parameters must not cast the fp32 RoPE cos/sin that each block receives (sampling
     computes RoPE in fp32 too), while the hidden states run in bf16."""
@@ -53,11 +90,11 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
                            "--tmp", str(tmp_path / "scratch")], capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text())["sections"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert set(report) == {"env", "parity", "train", "attention", "profile", "sample"}
+    assert set(report) == {"env", "parity", "train", "attention", "profile", "decode", "sample"}
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
     runs = [r for r in report["train"].values() if isinstance(r, dict) and "stage" in r]
-    assert len(runs) == 8 and all(r["tokens_per_s"] > 0 for r in runs)
+    assert len(runs) == 9 and all(r["tokens_per_s"] > 0 for r in runs)
     assert report["train"]["recipe_projection"]["sft_5_epochs_h"] > 0
     sample = report["sample"]
     assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
