@@ -409,6 +409,11 @@ def section_attention(ctx: Ctx) -> dict:
     mask = make(lambda b, h, qi, ki: (doc_id[qi] == doc_id[ki]) & (ki <= qi), 1, None, T, T, device=dev)
     record(f"{len(docs)} documents, flex_attention", _fwd_bwd(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True),
                                                                q, k, v), docs)
+    if dev.type == "cuda":  # would a tuned kernel configuration be faster than inductor's default? (its choices
+        # are in the autotuning log on stdout)
+        tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
+        record(f"{len(docs)} documents, flex_attention, max-autotune",
+               _fwd_bwd(lambda: tuned(q, k, v, block_mask=mask, enable_gqa=True), q, k, v), docs)
     try:
         from torch.nn.attention.varlen import varlen_attn
         cu = torch.tensor([0, *np.cumsum(docs)], device=dev, dtype=torch.int32)
@@ -441,18 +446,30 @@ def section_attention(ctx: Ctx) -> dict:
     return r
 
 
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "flex" in n or "attention" in n or "fmha" in n or "flash" in n:
+        return "attention"
+    if any(w in n for w in ("gemm", "matmul", "nvjet", "xmma", "cutlass", "wgmma")) or n.startswith(("aten::mm", "aten::addmm")):
+        return "matmul"
+    if n.startswith("triton_"):
+        return "fused elementwise and reductions (inductor)"
+    return "other"
+
+
 def section_profile(ctx: Ctx) -> dict:
     """The CUDA kernels of one packed training micro-batch (forward, recompute, backward, chunked head) of the
-    bf16 model with activation checkpointing, by total time: where a step's time goes."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    bf16 model with each block checkpointed and compiled, as train.py --compile runs it (without FSDP2's
+    collectives, which one rank does not need): total time by kind of kernel, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
     c, dev = ctx.config, ctx.device
     model = M.build_model(c, device=dev, dtype=ctx.dtype, seed=0)
-    for i, layer in enumerate(model.model.layers):
-        model.model.layers[i] = checkpoint_wrapper(layer)
-    T = 512 if ctx.tiny else 16384
-    docs = [T * 3 // 8, T * 3 // 16, T - T * 3 // 8 - T * 3 // 16]
-    ids = torch.randint(0, c.vocab_size, (1, T), device=dev)
+    T.checkpoint_activations(model, "block")
+    for i, block in enumerate(model.model.layers):
+        model.model.layers[i] = torch.compile(block)
+    T_ = 512 if ctx.tiny else 16384
+    docs = [T_ * 3 // 8, T_ * 3 // 16, T_ - T_ * 3 // 8 - T_ * 3 // 16]
+    ids = torch.randint(0, c.vocab_size, (1, T_), device=dev)
     pos = torch.cat([torch.arange(n) for n in docs])[None].to(dev)
 
     def step():
@@ -467,10 +484,13 @@ def section_profile(ctx: Ctx) -> dict:
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, key, 0) for e in events)
-    n_flops = T * 6 * model.num_parameters() + 12 * c.num_hidden_layers * c.hidden_size * sum(n * n for n in docs)
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[_kernel_kind(e.key)] = kinds.get(_kernel_kind(e.key), 0.0) + getattr(e, key, 0) / 1e3
+    n_flops = T_ * 6 * model.num_parameters() + 12 * c.num_hidden_layers * c.hidden_size * sum(n * n for n in docs)
     top = [{"name": e.key[:90], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events[:30]]
-    return {"tokens": T, "docs": docs, "wall_ms": 1e3 * wall, "kernel_ms_total": total / 1e3,
-            "mfu_if_h100_peak": n_flops / wall / 989e12, "top": top}
+    return {"tokens": T_, "docs": docs, "wall_ms": 1e3 * wall, "kernel_ms_total": total / 1e3,
+            "kernel_ms_by_kind": kinds, "mfu_if_h100_peak": n_flops / wall / 989e12, "top": top}
 
 
 @torch.no_grad()

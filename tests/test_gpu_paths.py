@@ -48,7 +48,6 @@ def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
     cache.set_pages([[3, 5, 1], [2], [7, 4, 6, 8], [9, 10]])
     lengths = torch.tensor([40, 9, 64, 17])
     monkeypatch.setattr(M, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
 
     def graphs(fn):
         torch._dynamo.reset()
@@ -60,8 +59,9 @@ def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
             torch.testing.assert_close(got, M._flex_decode(q, cache.k[0][None], cache.v[0][None], mask),
                                        rtol=1e-5, atol=1e-5)
         return counters["frames"]["ok"] - before  # frames compiled (not skipped for the limit)
-    assert graphs(M._compiled_flex_decode()) == 2
-    assert graphs(M._decode_attention) == 3
+    with torch._dynamo.config.patch(recompile_limit=2):
+        assert graphs(M._compiled_flex_decode()) == 2
+        assert graphs(M._decode_attention) == 3
     assert M.decode_split_kv(64, 2, 132) == 5 and M.decode_split_kv(256, 2, 132) == 2
     assert M.decode_split_kv(1, 2, 132) == 64 and M.decode_split_kv(1024, 8, 132) == 1
 
