@@ -3,10 +3,11 @@
     python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
     python bench/gpu.py --sections parity,train                      # a subset
     # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26) the first compile of
-    # --ac-scope ops took 260 s; sample took 245 s and parity greedy 96 s. Two calls, the second at once:
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections decode,sample,parity --parity greedy --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,train \
-        --train-runs sft-compile-mlpac,sft-compile-opsac,redi-compile-opsac --out $OUT/gpu2.json
+    # --ac-scope ops took 260 s, sample 245 s, parity greedy 96 s. The next session's two calls (estimated
+    # ~6 and ~5 minutes), the second at once (a machine idle for 30 s is given back):
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,decode,sample --out $OUT/gpu1.json
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,attention,profile --train-runs sft-compile-mlpac \
+        --out $OUT/gpu2.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
