@@ -289,7 +289,7 @@ def decode_split_kv(batch: int, kv_heads: int, sms: int) -> int:
     """Thread blocks per (row, KV head) in a decoding step's attention: flex_attention's SPLIT_KV. Enough for
     about four per SM, since each streams its keys with little memory-level parallelism of its own (inductor's
     default, 2 * SMs // (batch * kv_heads), is 1 from batch 67 on with 2 KV heads on 132 SMs); at most 64."""
-    return max(1, min(64, -(-4 * sms // (batch * kv_heads))))
+    return max(1, min(64, -(-4 * sms // max(1, batch * kv_heads))))
 
 
 @functools.cache

@@ -64,6 +64,7 @@ def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
         assert graphs(M._decode_attention) == 3
     assert M.decode_split_kv(64, 2, 132) == 5 and M.decode_split_kv(256, 2, 132) == 2
     assert M.decode_split_kv(1, 2, 132) == 64 and M.decode_split_kv(1024, 8, 132) == 1
+    assert M.decode_split_kv(0, 2, 132) == 64
 
 
 def test_rope_stays_fp32_under_fsdp2_mixed_precision():
