@@ -518,10 +518,12 @@ def section_decode(ctx: Ctx) -> dict:
         one.v.normal_(generator=g)
         blocks = (torch.randperm(one.n_blocks - 1, generator=torch.Generator().manual_seed(B)) + 1).tolist()
         per_row = -(-n // bs)
+        pages = [blocks[i * per_row:(i + 1) * per_row] for i in range(B)]
         one.decode_buffers(B)
-        one.set_pages([blocks[i * per_row:(i + 1) * per_row] for i in range(B)])
+        one.set_pages(pages)
         lengths = torch.full((B,), n, device=dev)
-        q = torch.randn(B, H, 1, hd, device=dev, dtype=ctx.dtype, generator=g)
+        # scores with a standard deviation of 3: a few keys dominate each row, so a misread block shows
+        q = (3 * torch.randn(B, H, 1, hd, device=dev, generator=g)).to(ctx.dtype)
         k, v = one.k[0][None], one.v[0][None]
         partial = one._block_mask(lengths)
         full_n = (lengths // bs).int()
@@ -531,7 +533,17 @@ def section_decode(ctx: Ctx) -> dict:
                                         full_n[:, None, None], one.page_table[:B, None, None], BLOCK_SIZE=bs,
                                         mask_mod=partial.mask_mod, seq_lengths=partial.seq_lengths,
                                         compute_q_blocks=False)
-        want = M._flex_decode(q.float(), k.float(), v.float(), partial)
+        # the reference: each row's keys gathered, in fp32 (uncompiled flex_attention would score the whole
+        # pool: tens of GB at batch 256)
+        rows = one.pool_rows(torch.tensor(pages, device=dev)).flatten(1)[:, :n]  # (B, n) pool positions
+        kk, vv = (x[0][:, rows.flatten()].view(Hkv, B, n, hd).transpose(0, 1).float() for x in (one.k, one.v))
+        scores = q.float().view(B, Hkv, H // Hkv, hd) @ kk.transpose(-1, -2) / hd**0.5  # (B, Hkv, H/Hkv, n)
+        want = (scores.softmax(-1) @ vv).reshape(B, H, 1, hd)
+        # bf16's own error here: SDPA on the same gathered keys in bf16
+        sdpa = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, hd), kk.to(ctx.dtype), vv.to(ctx.dtype))
+        bf16_err = float((sdpa.reshape(B, H, 1, hd).float() - want).abs().max())
+        r[f"batch {B}, {n} positions, sdpa on gathered keys, max_err_vs_fp32"] = bf16_err
+        del kk, vv, scores, sdpa
         ours = M.decode_split_kv(B, Hkv, sms)
         variants = {"full blocks, inductor's split": (full, None),
                     "partial blocks, inductor's split": (partial, None),
@@ -551,7 +563,7 @@ def section_decode(ctx: Ctx) -> dict:
                 err = float((got.float() - want).abs().max())
                 s = timed(ctx, lambda: fn(q, k, v, mask, options), 20)
                 case[name] = {"us": 1e6 * s, "of_copy_bandwidth": kv_bytes / s / bw, "max_err_vs_fp32": err,
-                              "ok": err < 0.05}
+                              "ok": err <= 4 * bf16_err + 1e-4}
             except Exception as e:
                 case[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"    {B} x {n}, {name}: {json.dumps(case[name])}", flush=True)
