@@ -6,7 +6,7 @@
     # --ac-scope ops took 260 s, sample 245 s, parity greedy 96 s. The next session's two calls (estimated
     # ~6 and ~5 minutes), the second at once (a machine idle for 30 s is given back):
     PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,decode,sample --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,attention,profile --train-runs sft-compile-mlpac \
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,profile,attention --train-runs sft-compile-mlpac \
         --out $OUT/gpu2.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
