@@ -38,6 +38,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -598,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac,"
                                         "sft-compile-opsac,redi-compile-opsac)")
     p.add_argument("--out", default="gpu.json", help="the JSON report")
-    p.add_argument("--tmp", default="/tmp/redi-gpu-check")
+    p.add_argument("--tmp", help="where to make the scratch directory (checkpoints, synthetic data), removed at the "
+                                 "end (default: the system's temporary directory)")
     args = p.parse_args(argv)
     names = args.sections.split(",")
     unknown = set(names) - set(SECTIONS)
@@ -606,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sections {sorted(unknown)}")
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA device: run with --tiny for the CPU smoke test")
-    tmp = Path(args.tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="redi-gpu-check-", dir=args.tmp))  # its own: removed at the end
     ctx = Ctx(args.tiny, tmp, Path(args.out))
     ctx.parity_parts = tuple(args.parity.split(","))
     ctx.train_runs = tuple(args.train_runs.split(",")) if args.train_runs else None

@@ -85,12 +85,16 @@ def test_rope_stays_fp32_under_fsdp2_mixed_precision():
 
 
 def test_the_device_check_runs_every_section_on_cpu(tmp_path):
-    """bench/gpu.py --tiny: every section on a tiny config, so the script a GPU session runs first cannot rot."""
+    """bench/gpu.py --tiny: every section on a tiny config, so the script a GPU session runs first cannot rot.
+    It works in a scratch directory of its own under --tmp and removes only that."""
     out = tmp_path / "gpu.json"
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "theirs").write_text("kept")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--out", str(out),
                            "--tmp", str(tmp_path / "scratch")], capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text())["sections"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["theirs"]
     assert set(report) == {"env", "parity", "train", "attention", "profile", "decode", "sample"}
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
