@@ -16,6 +16,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,13 +58,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--gen-chars", type=int, default=3000, help="mean characters per generation")
-    p.add_argument("--tmp", default="/tmp/bench-data")
+    p.add_argument("--tmp", help="where to make the scratch directory, removed at the end (default: the system's "
+                                 "temporary directory)")
     p.add_argument("--sample", type=int, default=2000, help="traces in the tokenization comparison")
     args = p.parse_args()
 
-    tmp = Path(args.tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "model").mkdir(parents=True)
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-data-", dir=args.tmp))  # its own: removed at the end
+    (tmp / "model").mkdir()
     fixture = ROOT / "tests" / "fixtures" / "qwen2.5-math-1.5b"
     shutil.copy(fixture / "config.json", tmp / "model" / "config.json")
     (tmp / "model" / "tokenizer.json").write_bytes(gzip.decompress((fixture / "tokenizer.json.gz").read_bytes()))

@@ -19,6 +19,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +34,21 @@ import model as M  # noqa: E402
 import train as T  # noqa: E402
 
 
+def scratch_dir(parent: str | None, prefix: str) -> Path:
+    """A new scratch directory under `parent` (default: the system's temporary directory) for the caller to
+    remove: never the directory the user named, which may hold their files."""
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 def median_tokens_per_s(out: Path, skip: int) -> tuple[float, list[dict]]:
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in log[skip:]), log[skip:]
 
 
 def cpu(args) -> None:
-    tmp = Path(args.tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = scratch_dir(args.tmp, "bench-train-")
     D.toy_corpus(tmp / "toy", n_train=2000, n_test=10)
     D.prepare([tmp / "toy" / "raw"], tmp / "toy" / "model", tmp / "data", log=lambda *a: None)
     vocab = M.Qwen2Config.from_pretrained(tmp / "toy" / "model").vocab_size
@@ -116,8 +124,7 @@ def synthetic_prepared(out: Path, tokenizer: Path, kind: str, lengths: np.ndarra
 
 
 def gpu(args) -> None:
-    tmp = Path(args.tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = scratch_dir(args.tmp, "bench-train-")
     (tmp / "base").mkdir(parents=True)
     fixture = ROOT / "tests" / "fixtures" / "qwen2.5-math-1.5b"
     (tmp / "tok").mkdir()
@@ -147,6 +154,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--tmp", default="/tmp/bench-train")
+    p.add_argument("--tmp", help="where to make the scratch directory, removed at the end (default: the system's "
+                                 "temporary directory)")
     args = p.parse_args()
     gpu(args) if args.gpu else cpu(args)

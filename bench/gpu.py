@@ -38,7 +38,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -608,9 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sections {sorted(unknown)}")
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA device: run with --tiny for the CPU smoke test")
-    if args.tmp:
-        Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="redi-gpu-check-", dir=args.tmp))  # its own: removed at the end
+    tmp = bench_train.scratch_dir(args.tmp, "redi-gpu-check-")
     ctx = Ctx(args.tiny, tmp, Path(args.out))
     ctx.parity_parts = tuple(args.parity.split(","))
     ctx.train_runs = tuple(args.train_runs.split(",")) if args.train_runs else None
