@@ -327,7 +327,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     if mask.block is not None:
         if q.shape[2] == 1 and k.shape[0] == 1:  # the sampler's paged decoding
             return (_decode_attention if q.is_cuda else _flex_decode)(q, k, v, mask.block)
-        fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+        # inside a compiled block (train.py --compile) the block's own compile fuses it
+        fn = _compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
         return fn(q, k, v, block_mask=mask.block, enable_gqa=True)
     if mask.doc_index is not None:
         B, H, T, hd = q.shape
