@@ -15,6 +15,7 @@ the mean context) over the device's measured copy bandwidth, as generated tokens
 """
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -206,6 +207,31 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     return r
 
 
+def step_anatomy(model, device, sampling: dict, tiny: bool) -> dict:
+    """Where a batch-1 decode step's time goes, uncaptured (a profiler does not see into a CUDA graph's
+    replay) but with the layers compiled: device kernels per step and their summed time, from the difference
+    of two profiled runs of 16 and 48 new tokens, so the prompt's prefill cancels. Set beside the captured
+    step's time, it tells launch gaps from slow kernels. On CPU it counts operator events instead."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    prompt = [list(range(10, 74 if tiny else 1010))]
+    seen = {}
+    for new in (16, 48):
+        sampler = S.Sampler(model, max_slots=1, cuda_graphs=False, compile=True, sync_every=1,
+                            **({"kv_gib": 0.05} if tiny else {}))
+        params = S.SamplingParams(new, **sampling)
+        list(sampler.stream(prompt, params))  # warm-up: compiles what it needs
+        sampler.generated = 0
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            list(sampler.stream(prompt, params))
+            sync(device)
+        events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda]
+        seen[new] = (sampler.generated, len(events), sum(e.time_range.elapsed_us() for e in events) / 1e3)
+    steps = seen[48][0] - seen[16][0]
+    return {"steps": steps, "events_per_step": (seen[48][1] - seen[16][1]) / steps,
+            "event_ms_per_step": (seen[48][2] - seen[16][2]) / steps}
+
+
 def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
     """The GPU cases (bench/gpu.py's sampler section), decode throughput at the evaluation's sampling settings
     (temperature 0.6, top-p 0.95) against transformers' generate and the HBM roofline: batch 1 with a
@@ -261,6 +287,16 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             torch.cuda.empty_cache()
         if progress is not None:
             progress(r)
+    try:
+        anatomy = step_anatomy(ours, device, sampling, tiny)
+        if step1 is not None:
+            anatomy["first_case_step_ms"] = 1e3 * step1  # the same step captured in a CUDA graph (GPU)
+    except Exception as e:
+        anatomy = {"error": f"{type(e).__name__}: {e}"}
+    r["step anatomy, batch 1, uncaptured"] = anatomy
+    print(f"  step anatomy, batch 1, uncaptured: {json.dumps(anatomy)}", flush=True)
+    if progress is not None:
+        progress(r)
     try:
         r["long tail"] = long_tail(ours, device, tiny, step1, mode)
     except Exception as e:

@@ -105,3 +105,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
     assert [sample[k]["compiled_layers"] for k in sample if k.startswith("batch 1,")] == [True, False]
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
+    anatomy = sample["step anatomy, batch 1, uncaptured"]
+    assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0
+    variants = [v for case in report["decode"].values() if isinstance(case, dict) for v in case.values()]
+    assert len(variants) == 12 and all(v["ok"] for v in variants)
