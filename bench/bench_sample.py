@@ -227,6 +227,8 @@ def step_anatomy(model, device, sampling: dict, tiny: bool) -> dict:
             sync(device)
         events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda]
         seen[new] = (sampler.generated, len(events), sum(e.time_range.elapsed_us() for e in events) / 1e3)
+    if not seen[48][1]:
+        raise RuntimeError("the profiler recorded no events of this device")
     steps = seen[48][0] - seen[16][0]
     return {"steps": steps, "events_per_step": (seen[48][1] - seen[16][1]) / steps,
             "event_ms_per_step": (seen[48][2] - seen[16][2]) / steps}
