@@ -31,6 +31,14 @@ WORDS = ("we", "have", "the", "so", "then", "therefore", "let", "equation", "sol
          "check", "again", "triangle", "angle", "\\cdot", "\\pi", "n", "k", "sum", "of", "is", "not", "\n", "\n\n")
 
 
+def scratch_dir(parent: str | None, prefix: str) -> Path:
+    """A new scratch directory under `parent` (default: the system's temporary directory) for the caller to
+    remove: never the directory the user named, which may hold their files."""
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 def write_raw(path: Path, rows: int, gen_chars: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     text = " ".join(rng.choice(WORDS, size=4_000_000))  # generations are random windows of this text
@@ -63,9 +71,7 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=2000, help="traces in the tokenization comparison")
     args = p.parse_args()
 
-    if args.tmp:
-        Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-data-", dir=args.tmp))  # its own: removed at the end
+    tmp = scratch_dir(args.tmp, "bench-data-")
     (tmp / "model").mkdir()
     fixture = ROOT / "tests" / "fixtures" / "qwen2.5-math-1.5b"
     shutil.copy(fixture / "config.json", tmp / "model" / "config.json")

@@ -19,7 +19,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,16 +29,9 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data as D  # noqa: E402
+from bench_data import scratch_dir  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
-
-
-def scratch_dir(parent: str | None, prefix: str) -> Path:
-    """A new scratch directory under `parent` (default: the system's temporary directory) for the caller to
-    remove: never the directory the user named, which may hold their files."""
-    if parent:
-        Path(parent).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def median_tokens_per_s(out: Path, skip: int) -> tuple[float, list[dict]]:

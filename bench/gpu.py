@@ -49,6 +49,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import bench_data  # noqa: E402
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 import losses  # noqa: E402
@@ -487,7 +488,8 @@ def section_profile(ctx: Ctx) -> dict:
     total = sum(getattr(e, key, 0) for e in events)
     kinds: dict[str, float] = {}
     for e in events:
-        kinds[_kernel_kind(e.key)] = kinds.get(_kernel_kind(e.key), 0.0) + getattr(e, key, 0) / 1e3
+        kind = _kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, key, 0) / 1e3
     n_flops = T_ * 6 * model.num_parameters() + 12 * c.num_hidden_layers * c.hidden_size * sum(n * n for n in docs)
     top = [{"name": e.key[:90], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events[:30]]
     return {"tokens": T_, "docs": docs, "wall_ms": 1e3 * wall, "kernel_ms_total": total / 1e3,
@@ -509,7 +511,7 @@ def section_decode(ctx: Ctx) -> dict:
     H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     bs = 32 if ctx.tiny else 128  # the sampler's block sizes on CPU and GPU
     bw = bench_sample.bandwidth(dev)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+    sms = M._sm_count(dev) if dev.type == "cuda" else 8
     r = {"copy_gb_s": bw / 1e9}
     for B, n in ((2, 300), (4, 500)) if ctx.tiny else ((1, 1000), (64, 8000), (256, 8000)):
         one = S.PagedKVCache(dataclasses.replace(c, num_hidden_layers=1),
@@ -609,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sections {sorted(unknown)}")
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA device: run with --tiny for the CPU smoke test")
-    tmp = bench_train.scratch_dir(args.tmp, "redi-gpu-check-")
+    tmp = bench_data.scratch_dir(args.tmp, "redi-gpu-check-")
     ctx = Ctx(args.tiny, tmp, Path(args.out))
     ctx.parity_parts = tuple(args.parity.split(","))
     ctx.train_runs = tuple(args.train_runs.split(",")) if args.train_runs else None
