@@ -4,9 +4,9 @@
     python bench/gpu.py --sections parity,train                      # a subset
     # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26) the first compile of
     # --ac-scope ops took 260 s, sample 245 s, parity greedy 96 s. The next session's two calls (estimated
-    # ~6 and ~5 minutes), the second at once (a machine idle for 30 s is given back):
+    # ~6 minutes each, not measured), the second at once (a machine idle for 30 s is given back):
     PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,decode,sample --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,profile,attention --train-runs sft-compile-mlpac \
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,profile,attention --train-runs sft-compile-opsac \
         --out $OUT/gpu2.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
@@ -21,8 +21,15 @@ leaves what it measured:
           packed ragged 16k-token micro-batches and on one 32k-token sequence, with and without --compile
           (and compiled with no activation checkpointing, and with it on the MLPs only or on the elementwise
           work only, --ac-scope mlp and ops):
-          first-step (compile/warm-up) time, step time, tokens/s, MFU (6N + 12 L d T), peak memory; and the
-          chunked head (losses.token_logprobs) alone at 16k and 32k tokens;
+          first-step (compile/warm-up) time, every step's time and MFU (6N + 12 L d T), tokens/s and MFU pooled
+          over the steps that compiled nothing, peak memory; and the chunked head (losses.token_logprobs) alone
+          at 16k and 32k tokens;
+  attention  forward+backward of attention alone at 16k training shapes, for each way of computing it (SDPA
+          backends, flex_attention with inductor's kernel choice and autotuned, one call per document,
+          varlen_attn), and what a run of new lengths costs each backend;
+  profile the kernels of one train.py step (--profile-run, after the train section it reuses the compiled code)
+          by kind and by phase (compiled blocks forward and backward, chunked head, optimizer, FSDP2), and the
+          share of the step's wall time the device was busy;
   decode  one layer's decode attention alone over a paged pool, for ways of launching flex_attention's
           decoding kernel (block mask layout, SPLIT_KV, pipelining, warps): microseconds and bandwidth share;
   sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases).
@@ -69,6 +76,7 @@ class Ctx:
         self.report: dict = {"tiny": tiny, "sections": {}}
         self.parity_parts = ("causal", "packed", "greedy")
         self.train_runs: tuple[str, ...] | None = None
+        self.profile_run = "sft-compile-opsac"
         self.device = torch.device("cpu" if tiny else "cuda")
         self.dtype = torch.bfloat16
         self.tmp = tmp
@@ -246,8 +254,26 @@ def no_checkpoint_writes():
         T.save_checkpoint = saved
 
 
+@contextlib.contextmanager
+def after_each_step(fn):
+    """Call fn() at the end of each of train.py's steps, when the step's metrics are recorded."""
+    record = T.metrics_record
+
+    def hooked(*args, **kwargs):
+        fn()
+        return record(*args, **kwargs)
+    T.metrics_record = hooked
+    try:
+        yield
+    finally:
+        T.metrics_record = record
+
+
 def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, budget: int, steps: int,
-              extra: list[str]) -> dict:
+              extra: list[str], profiler=None) -> dict:
+    """train.py's own loop on synthetic data: each step's time and MFU, and rates pooled over the steps that
+    compiled nothing. profiler: a torch.profiler.profile to run during the last step alone."""
+    from torch._dynamo.utils import counters
     kind = "sft" if stage == "sft" else "pref"
     data, out = ctx.tmp / f"data-{name}", ctx.tmp / f"run-{name}"
     shutil.rmtree(data, ignore_errors=True)
@@ -256,21 +282,36 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    with no_checkpoint_writes():
+    graphs = [counters["frames"]["total"]]  # frames dynamo has compiled: before step 1, after each step
+
+    def step_done():
+        graphs.append(counters["frames"]["total"])
+        if profiler is not None and len(graphs) == steps:  # steps - 1 done: profile the last
+            profiler.start()
+        elif profiler is not None and len(graphs) == steps + 1:
+            ctx.sync()
+            profiler.stop()
+    with no_checkpoint_writes(), after_each_step(step_done):
         T.main(["--stage", stage, "--model", str(ctx.checkpoint()), "--data", str(data), "--out", str(out),
                 "--batch-size", str(batch), "--micro-tokens", str(budget),
                 "--max-len", str(budget // (1 if kind == "sft" else 2)), "--truncate", "--max-steps", str(steps),
                 "--save-every", "0", "--log-every", "1", "--dtype", "bf16", *extra])
     wall = time.perf_counter() - t
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed_steps = log[2:] if len(log) > 2 else log[-1:]
-    mfu = [x["mfu"] for x in timed_steps if x["mfu"] is not None]
+    # Steps that compiled something are not steady state: after the first, a micro-batch holding a single
+    # document compiles the blocks again (plain causal attention instead of the document mask; an H100's
+    # step 5 took 9 s instead of 2 s), and a block sees a second shape once before its shapes turn dynamic.
+    compiled = [step for step in range(1, len(graphs)) if graphs[step] > graphs[step - 1]]
+    steady = [x for x in log[1:] if x["step"] not in compiled] or log[-1:]
+    seconds = sum(x["step_s"] for x in steady)
+    mfu = [x["mfu"] * x["step_s"] for x in steady if x["mfu"] is not None]
     return {"stage": stage, "micro_tokens": budget, "steps": len(log), "wall_s": wall,
             "each_step_s": [x["step_s"] for x in log], "each_step_mfu": [x["mfu"] for x in log],
-            "first_step_s": log[0]["step_s"], "step_s": statistics.median(x["step_s"] for x in timed_steps),
-            "tokens_per_step": statistics.median(x["tokens"] for x in timed_steps),
-            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in timed_steps),
-            "mfu": statistics.median(mfu) if mfu else None, "peak_mem_gib": max(x["peak_mem_gib"] for x in log),
+            "steps_that_compiled": compiled, "steady_steps": [x["step"] for x in steady],
+            "first_step_s": log[0]["step_s"], "step_s": seconds / len(steady),
+            "tokens_per_step": sum(x["tokens"] for x in steady) / len(steady),
+            "tokens_per_s": sum(x["tokens"] for x in steady) / seconds,
+            "mfu": sum(mfu) / seconds if mfu else None, "peak_mem_gib": max(x["peak_mem_gib"] for x in log),
             "loss_first_last": [log[0]["loss"], log[-1]["loss"]]}
 
 
@@ -301,7 +342,9 @@ def head_costs(ctx: Ctx) -> dict:
     return r
 
 
-def section_train(ctx: Ctx) -> dict:
+def train_runs(ctx: Ctx) -> dict[str, tuple]:
+    """The training runs the train section can time, by name: (stage, global batch, (n, parts) document lengths,
+    micro-batch tokens, steps, extra train.py arguments)."""
     tiny = ctx.tiny
     budget, long = (512, 1024) if tiny else (16384, 32768)
     sft_len = (np.array([[20, 100]] * 64) + np.arange(64)[:, None] % 7 if tiny
@@ -309,24 +352,29 @@ def section_train(ctx: Ctx) -> dict:
     pref_len = (np.array([[20, 80, 90]] * 64) + np.arange(64)[:, None] % 5 if tiny
                 else bench_train.realistic_lengths(256, 3))
     long_len = np.array([[50, long - 50]] * 8 if tiny else [[500, long - 500]] * 8)
-    steps = 3 if tiny else 4
-    runs = [("sft", "sft", 8, sft_len, budget, steps, []),
-            ("redi", "redi", 4, pref_len, budget, steps, []),
-            ("sft-32k", "sft", 1, long_len, long, 3, []),
-            ("sft-compile", "sft", 8, sft_len, budget, steps + 1, ["--compile"]),
-            ("redi-compile", "redi", 4, pref_len, budget, steps + 1, ["--compile"]),
-            ("sft-compile-noac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--no-ac"]),
-            ("sft-compile-mlpac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "mlp"]),
-            ("sft-compile-opsac", "sft", 8, sft_len, budget, steps + 1, ["--compile", "--ac-scope", "ops"]),
-            ("redi-compile-opsac", "redi", 4, pref_len, budget, steps + 1, ["--compile", "--ac-scope", "ops"])]
-    if tiny:
-        runs = [r[:-1] + (r[-1] + ([] if "--no-ac" in r[-1] else ["--ac"]),) for r in runs]  # the GPU default
+    steps = 3 if tiny else 4  # compiled runs take 3 more: their steps 1, 2 and any one-document one compile
+    runs = {"sft": ("sft", 8, sft_len, budget, steps, []),
+            "redi": ("redi", 4, pref_len, budget, steps, []),
+            "sft-32k": ("sft", 1, long_len, long, 3, []),
+            "sft-compile": ("sft", 8, sft_len, budget, steps + 3, ["--compile"]),
+            "redi-compile": ("redi", 4, pref_len, budget, steps + 3, ["--compile"]),
+            "sft-compile-noac": ("sft", 8, sft_len, budget, steps + 3, ["--compile", "--no-ac"]),
+            "sft-compile-mlpac": ("sft", 8, sft_len, budget, steps + 3, ["--compile", "--ac-scope", "mlp"]),
+            "sft-compile-opsac": ("sft", 8, sft_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"]),
+            "redi-compile-opsac": ("redi", 4, pref_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"])}
+    if tiny:  # activation checkpointing, the GPU default
+        runs = {k: v[:-1] + (v[-1] + ([] if "--no-ac" in v[-1] else ["--ac"]),) for k, v in runs.items()}
+    return runs
+
+
+def section_train(ctx: Ctx) -> dict:
+    by_name = train_runs(ctx)
+    runs = [(name, *spec) for name, spec in by_name.items()]
     if ctx.train_runs is not None:  # in the order asked for: the most wanted first, before a time limit
-        by_name = {run[0]: run for run in runs}
         unknown = set(ctx.train_runs) - set(by_name)
         if unknown:
             raise ValueError(f"unknown training runs {sorted(unknown)}; known: {', '.join(by_name)}")
-        runs = [by_name[name] for name in ctx.train_runs]
+        runs = [(name, *by_name[name]) for name in ctx.train_runs]
     r = {}
     for name, *spec in runs:
         try:
@@ -337,6 +385,7 @@ def section_train(ctx: Ctx) -> dict:
         ctx.write("train", r)
     # The paper's recipe on 8 GPUs at these rates, if its traces have these synthetic lengths (mean document
     # ~5.6k tokens) and throughput scales linearly with GPUs (FSDP2's communication is not measured here).
+    sft_len, pref_len = by_name["sft"][2], by_name["redi"][2]
     for suffix in ("", "-compile", "-compile-opsac"):
         sft, redi = r.get("sft" + suffix, {}), r.get("redi" + suffix, {})
         if "tokens_per_s" in sft and "tokens_per_s" in redi:
@@ -449,51 +498,69 @@ def section_attention(ctx: Ctx) -> dict:
 
 
 def _kernel_kind(name: str) -> str:
+    """A kernel's kind from its name: cuBLAS, cuDNN and flash kernels, inductor's (triton_poi/red/per: fused
+    elementwise and reductions; triton_tem: templates, flex_attention's or a tuned matmul's), or, on CPU, an
+    operator's."""
     n = name.lower()
     if "flex" in n or "attention" in n or "fmha" in n or "flash" in n:
         return "attention"
-    if any(w in n for w in ("gemm", "matmul", "nvjet", "xmma", "cutlass", "wgmma")) or n.startswith(("aten::mm", "aten::addmm")):
+    if any(w in n for w in ("gemm", "matmul", "nvjet", "xmma", "cutlass", "wgmma")) or \
+            n.startswith(("aten::mm", "aten::addmm", "triton_tem")):
         return "matmul"
     if n.startswith("triton_"):
         return "fused elementwise and reductions (inductor)"
     return "other"
 
 
-def section_profile(ctx: Ctx) -> dict:
-    """The CUDA kernels of one packed training micro-batch (forward, recompute, backward, chunked head) of the
-    bf16 model with each block checkpointed and compiled, as train.py --compile runs it (without FSDP2's
-    collectives, which one rank does not need): total time by kind of kernel, and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-    c, dev = ctx.config, ctx.device
-    model = M.build_model(c, device=dev, dtype=ctx.dtype, seed=0)
-    T.checkpoint_activations(model, "block")
-    for i, block in enumerate(model.model.layers):
-        model.model.layers[i] = torch.compile(block)
-    T_ = 512 if ctx.tiny else 16384
-    docs = [T_ * 3 // 8, T_ * 3 // 16, T_ - T_ * 3 // 8 - T_ * 3 // 16]
-    ids = torch.randint(0, c.vocab_size, (1, T_), device=dev)
-    pos = torch.cat([torch.arange(n) for n in docs])[None].to(dev)
+# Ranges of a train.py step whose kernels the profile section sums: (phase, exact range names, name prefixes).
+PHASES = (("blocks forward (compiled)", (), ("Torch-Compiled Region",)),
+          ("blocks backward, with recompute (compiled)", ("CompiledFunctionBackward",), ()),
+          ("chunked head forward", ("_ChunkedTokenLogProbs",), ()),
+          ("chunked head backward", ("_ChunkedTokenLogProbsBackward",), ()),
+          ("optimizer step", ("Optimizer.step#AdamW.step",), ()),
+          ("FSDP2 hooks (parameter casts and gradient copies)", (), ("FSDP::",)))
 
-    def step():
-        hidden = model(ids, position_ids=pos, return_hidden=True)[0]
-        losses.token_logprobs(hidden[:-1], model.lm_head.weight, ids[0, 1:]).sum().backward()
-        model.zero_grad(set_to_none=True)
-    wall = timed(ctx, step, 2)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        step()
-        ctx.sync()
-    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-    total = sum(getattr(e, key, 0) for e in events)
+
+def section_profile(ctx: Ctx) -> dict:
+    """The last step of a train.py run (--profile-run, by default SFT with --compile --ac-scope ops), profiled:
+    the device's kernel time against the step's wall time (what is left is the device waiting for the host),
+    by kind of kernel, by phase of the step (PHASES: blocks, chunked head, optimizer, FSDP2), and the top
+    kernels. Run after the train section in the same process, it reuses that run's compiled code."""
+    from torch.profiler import ProfilerActivity, profile
+    name = ctx.profile_run
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    prof = profile(activities=acts)
+    stage, batch, lengths, budget, _, extra = train_runs(ctx)[name]
+    run = train_run(ctx, f"profile-{name}", stage, batch, lengths, budget, 4, extra, profiler=prof)
+    if ctx.device.type == "cuda":  # each kernel, and each operator's own kernels (those it launched itself)
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        owned = [(e, sum(k.duration for k in e.kernels)) for e in prof.events() if e.kernels]
+    else:  # the CPU smoke test: each operator's own CPU time stands for kernels
+        kernels = [(e.name, e.self_cpu_time_total) for e in prof.events()]
+        owned = [(e, e.self_cpu_time_total) for e in prof.events()]
+    kernel_ms = sum(us for _, us in kernels) / 1e3
     kinds: dict[str, float] = {}
-    for e in events:
-        kind = _kernel_kind(e.key)
-        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, key, 0) / 1e3
-    n_flops = T_ * 6 * model.num_parameters() + 12 * c.num_hidden_layers * c.hidden_size * sum(n * n for n in docs)
-    top = [{"name": e.key[:90], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events[:30]]
-    return {"tokens": T_, "docs": docs, "wall_ms": 1e3 * wall, "kernel_ms_total": total / 1e3,
-            "kernel_ms_by_kind": kinds, "mfu_if_h100_peak": n_flops / wall / 989e12, "top": top}
+    by_name: dict[str, list] = {}
+    for kernel, us in kernels:
+        kinds[_kernel_kind(kernel)] = kinds.get(_kernel_kind(kernel), 0.0) + us / 1e3
+        by_name.setdefault(kernel, [0.0, 0])
+        by_name[kernel][0] += us / 1e3
+        by_name[kernel][1] += 1
+    phases = dict.fromkeys([phase for phase, _, _ in PHASES] + ["the rest (embedding, loss, clipping, metrics)"], 0.0)
+    for e, us in owned:  # a kernel belongs to the innermost phase range around the operator that launched it
+        phase, up = "the rest (embedding, loss, clipping, metrics)", e
+        while up is not None and phase.startswith("the rest"):
+            phase = next((ph for ph, exact, prefixes in PHASES if up.name in exact or up.name.startswith(prefixes)),
+                         phase)
+            up = up.cpu_parent
+        phases[phase] += us / 1e3
+    wall_ms = 1e3 * run["each_step_s"][-1]
+    top = sorted(by_name.items(), key=lambda kv: kv[1][0], reverse=True)[:30]
+    return {"run": name, "tokens": run["tokens_per_step"], "profiled_step_wall_ms": wall_ms,
+            "unprofiled_step_s": run["step_s"], "kernel_ms": kernel_ms,
+            "device_busy_share": kernel_ms / wall_ms, "kernel_ms_by_kind": kinds, "kernel_ms_by_phase": phases,
+            "top": [{"name": k[:90], "ms": ms, "calls": n} for k, (ms, n) in top]}
 
 
 @torch.no_grad()
@@ -601,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-runs", help="training runs to time, in this order (default all: sft,redi,sft-32k,"
                                         "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac,"
                                         "sft-compile-opsac,redi-compile-opsac)")
+    p.add_argument("--profile-run", default="sft-compile-opsac", help="the training run whose last step the "
+                                                                        "profile section profiles")
     p.add_argument("--out", default="gpu.json", help="the JSON report")
     p.add_argument("--tmp", help="where to make the scratch directory (checkpoints, synthetic data), removed at the "
                                  "end (default: the system's temporary directory)")
@@ -615,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(args.tiny, tmp, Path(args.out))
     ctx.parity_parts = tuple(args.parity.split(","))
     ctx.train_runs = tuple(args.train_runs.split(",")) if args.train_runs else None
+    if args.profile_run not in train_runs(ctx):
+        p.error(f"unknown --profile-run {args.profile_run!r}; known: {', '.join(train_runs(ctx))}")
+    ctx.profile_run = args.profile_run
     failed = 0
     for name in names:
         t = time.perf_counter()
