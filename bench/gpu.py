@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import gzip
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -307,6 +308,7 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     mfu = [x["mfu"] * x["step_s"] for x in steady if x["mfu"] is not None]
     return {"stage": stage, "micro_tokens": budget, "steps": len(log), "wall_s": wall,
             "each_step_s": [x["step_s"] for x in log], "each_step_mfu": [x["mfu"] for x in log],
+            "each_step_tokens": [x["tokens"] for x in log],
             "steps_that_compiled": compiled, "steady_steps": [x["step"] for x in steady],
             "first_step_s": log[0]["step_s"], "step_s": seconds / len(steady),
             "tokens_per_step": sum(x["tokens"] for x in steady) / len(steady),
@@ -555,11 +557,22 @@ def section_profile(ctx: Ctx) -> dict:
                          phase)
             up = up.cpu_parent
         phases[phase] += us / 1e3
-    wall_ms = 1e3 * run["each_step_s"][-1]
+    wall_ms, tokens, mfu = 1e3 * run["each_step_s"][-1], run["each_step_tokens"][-1], run["each_step_mfu"][-1]
+    rates = {}
+    if mfu is not None:  # the step's FLOPs by train.flops (6N + 12 L d T per token) are its MFU x time x peak
+        c = ctx.config
+        peak = next(f for gpu, f in T.PEAK_FLOPS if gpu in torch.cuda.get_device_name(ctx.device))
+        n = M.build_model(c, device="meta").num_parameters()
+        n -= 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size  # as train.flops counts it
+        matmul = 6 * n * tokens + 2 * c.vocab_size * c.hidden_size * tokens  # + the head's recompute (~all tokens)
+        attention = (mfu * wall_ms / 1e3 * peak - 6 * n * tokens) / 2  # 12 L d T counts twice the causal work
+        rates = {"matmul (6N per token and the head's recompute)": matmul / kinds.get("matmul", math.nan) / 1e9,
+                 "attention (causal work)": attention / kinds.get("attention", math.nan) / 1e9}
     top = sorted(by_name.items(), key=lambda kv: kv[1][0], reverse=True)[:30]
-    return {"run": name, "tokens": run["tokens_per_step"], "profiled_step_wall_ms": wall_ms,
+    return {"run": name, "tokens": tokens, "profiled_step_wall_ms": wall_ms,
             "unprofiled_step_s": run["step_s"], "kernel_ms": kernel_ms,
             "device_busy_share": kernel_ms / wall_ms, "kernel_ms_by_kind": kinds, "kernel_ms_by_phase": phases,
+            "achieved_tflops_by_kind": rates,
             "top": [{"name": k[:90], "ms": ms, "calls": n} for k, (ms, n) in top]}
 
 
