@@ -467,6 +467,10 @@ def section_attention(ctx: Ctx) -> dict:
         tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
         record(f"{len(docs)} documents, flex_attention, max-autotune",
                _fwd_bwd(lambda: tuned(q, k, v, block_mask=mask, enable_gqa=True), q, k, v), docs)
+        # Hopper's tensor memory accelerator for the loads (inductor's default uses it only on XPU)
+        record(f"{len(docs)} documents, flex_attention, USE_TMA",
+               _fwd_bwd(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options={"USE_TMA": True}),
+                        q, k, v), docs)
     try:
         from torch.nn.attention.varlen import varlen_attn
         cu = torch.tensor([0, *np.cumsum(docs)], device=dev, dtype=torch.int32)
