@@ -519,7 +519,7 @@ def _kernel_kind(name: str) -> str:
 
 
 # Ranges of a train.py step whose kernels the profile section sums: (phase, exact range names, name prefixes).
-PHASES = (("blocks forward (compiled)", (), ("Torch-Compiled Region",)),
+PHASES = (("blocks forward and the block mask (compiled)", (), ("Torch-Compiled Region",)),
           ("blocks backward, with recompute (compiled)", ("CompiledFunctionBackward",), ()),
           ("chunked head forward", ("_ChunkedTokenLogProbs",), ()),
           ("chunked head backward", ("_ChunkedTokenLogProbsBackward",), ()),
@@ -554,9 +554,9 @@ def section_profile(ctx: Ctx) -> dict:
         by_name[kernel][0] += us / 1e3
         by_name[kernel][1] += 1
     phases = dict.fromkeys([phase for phase, _, _ in PHASES] + ["the rest (embedding, loss, clipping, metrics)"], 0.0)
-    for e, us in owned:  # a kernel belongs to the innermost phase range around the operator that launched it
-        phase, up = "the rest (embedding, loss, clipping, metrics)", e
-        while up is not None and phase.startswith("the rest"):
+    for e, us in owned:  # a kernel belongs to the outermost phase range around the operator that launched it
+        phase, up = "the rest (embedding, loss, clipping, metrics)", e  # (the head's own compiled regions are
+        while up is not None:                                           # inside it)
             phase = next((ph for ph, exact, prefixes in PHASES if up.name in exact or up.name.startswith(prefixes)),
                          phase)
             up = up.cpu_parent
@@ -574,6 +574,7 @@ def section_profile(ctx: Ctx) -> dict:
                  "attention (causal work)": attention / kinds.get("attention", math.nan) / 1e9}
     top = sorted(by_name.items(), key=lambda kv: kv[1][0], reverse=True)[:30]
     return {"run": name, "tokens": tokens, "profiled_step_wall_ms": wall_ms,
+            "profiled_step_compiled": len(run["each_step_s"]) in run["steps_that_compiled"],
             "unprofiled_step_s": run["step_s"], "kernel_ms": kernel_ms,
             "device_busy_share": kernel_ms / wall_ms, "kernel_ms_by_kind": kinds, "kernel_ms_by_phase": phases,
             "achieved_tflops_by_kind": rates,
