@@ -5,7 +5,7 @@
     # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26) the first compile of
     # --ac-scope ops took 260 s, sample 245 s, parity greedy 96 s. The next session's two calls (estimated
     # ~6 minutes each, not measured), the second at once (a machine idle for 30 s is given back):
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,decode,sample --out $OUT/gpu1.json
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,decode,sample,evaluate --out $OUT/gpu1.json
     PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,profile,attention --train-runs sft-compile-opsac \
         --out $OUT/gpu2.json
 
@@ -32,7 +32,9 @@ leaves what it measured:
           share of the step's wall time the device was busy;
   decode  one layer's decode attention alone over a paged pool, for ways of launching flex_attention's
           decoding kernel (block mask layout, SPLIT_KV, pipelining, warps): microseconds and bandwidth share;
-  sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases).
+  sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases);
+  evaluate  evaluate.py end to end on two bundled benchmarks (short generations), then rerun: it must resume
+          with nothing to sample and write the same results.
 """
 
 from __future__ import annotations
@@ -674,8 +676,32 @@ def section_sample(ctx: Ctx) -> dict:
     return bench_sample.device_cases(ours, hf, ctx.device, tiny=ctx.tiny, progress=lambda r: ctx.write("sample", r))
 
 
+def section_evaluate(ctx: Ctx) -> dict:
+    """evaluate.py end to end on the device, as the README runs it (one process): two bundled benchmarks, a few
+    problems and samples, short generations (random weights write until the token limit); then the same
+    command again, which must resume with nothing left to sample and write the same results."""
+    import evaluate as E
+    out = ctx.tmp / "eval"
+    limit, samples, new = (2, 2, 16) if ctx.tiny else (16, 4, 512)
+    argv = ["--model", str(ctx.checkpoint()), "--benchmarks", "math500,aime24", "--limit", str(limit),
+            "--samples", str(samples), "--max-new-tokens", str(new), "--out", str(out)]
+    seconds, outputs = [], []
+    for _ in range(2):
+        t = time.perf_counter()
+        E.main(argv)
+        seconds.append(time.perf_counter() - t)
+        outputs.append([(out / name).read_text() for name in ("results.json", "generations.jsonl")])
+    results = json.loads(outputs[0][0])
+    generations = [json.loads(line) for line in outputs[0][1].splitlines()]
+    return {"first_run_s": seconds[0], "rerun_s": seconds[1], "generations": len(generations),
+            "expected_generations": 2 * limit * samples, "tokens": sum(g["tokens"] for g in generations),
+            "rerun_identical": outputs[1] == outputs[0],
+            "pass@1": {name: m["pass@1"] for name, m in results["benchmarks"].items()}}
+
+
 SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "attention": section_attention,
-            "profile": section_profile, "decode": section_decode, "sample": section_sample}
+            "profile": section_profile, "decode": section_decode, "sample": section_sample,
+            "evaluate": section_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     report = json.loads(out.read_text())["sections"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["theirs"]
-    assert set(report) == {"env", "parity", "train", "attention", "profile", "decode", "sample"}
+    assert set(report) == {"env", "parity", "train", "attention", "profile", "decode", "sample", "evaluate"}
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
     runs = [r for r in report["train"].values() if isinstance(r, dict) and "stage" in r]
@@ -115,5 +115,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
     anatomy = sample["step anatomy, batch 1, uncaptured"]
     assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0
+    ev = report["evaluate"]
+    assert ev["generations"] == ev["expected_generations"] == 8 and ev["rerun_identical"]
     variants = [v for case in report["decode"].values() if isinstance(case, dict) for v in case.values()]
     assert len(variants) == 5 + 5 and all(v["ok"] for v in variants)  # two cases, both above batch 1
