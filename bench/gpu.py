@@ -563,6 +563,7 @@ def section_profile(ctx: Ctx) -> dict:
                          phase)
             up = up.cpu_parent
         phases[phase] += us / 1e3
+    phases["kernels the profiler linked to no operator"] = kernel_ms - sum(phases.values())
     wall_ms, tokens, mfu = 1e3 * run["each_step_s"][-1], run["each_step_tokens"][-1], run["each_step_mfu"][-1]
     rates = {}
     if mfu is not None:  # the step's FLOPs by train.flops (6N + 12 L d T per token) are its MFU x time x peak

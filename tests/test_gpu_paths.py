@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -104,10 +103,9 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     compiled = [r for name, r in report["train"].items() if "compile" in name and isinstance(r, dict) and "stage" in r]
     assert len(compiled) == 6 and 1 in report["train"]["sft-compile"]["steps_that_compiled"]  # later runs reuse it
     assert all(not set(r["steady_steps"]) & set(r["steps_that_compiled"]) for r in compiled)
-    profile = report["profile"]  # every kernel (here: operator) in exactly one phase
-    assert profile["kernel_ms"] > 0 and sum(profile["kernel_ms_by_phase"].values()) == pytest.approx(profile["kernel_ms"])
-    assert all(profile["kernel_ms_by_phase"][k] > 0 for k in ("chunked head forward", "chunked head backward",
-                                                               "optimizer step"))
+    phases = report["profile"]["kernel_ms_by_phase"]  # (on CPU: operators' own time) the phases are found by name
+    assert phases["chunked head backward"] > phases["chunked head forward"] > 0  # three matmuls per chunk, one
+    assert phases["optimizer step"] > 0 and phases["FSDP2 hooks (parameter casts and gradient copies)"] > 0
     assert report["train"]["recipe_projection"]["sft_5_epochs_h"] > 0
     sample = report["sample"]
     assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
