@@ -3,11 +3,13 @@
     python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
     python bench/gpu.py --sections parity,train                      # a subset
     # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26) the first compile of
-    # --ac-scope ops took 260 s, sample 245 s, parity greedy 96 s. The next session's two calls (estimated
-    # ~6 minutes each, not measured), the second at once (a machine idle for 30 s is given back):
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,decode,sample,evaluate --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,profile,attention --train-runs sft-compile-opsac \
-        --out $OUT/gpu2.json
+    # --ac-scope ops took 260 s, sample 245 s, parity greedy 96 s. The next session's two calls, the second at
+    # once (a machine idle for 30 s is given back), each ordered by what its issue needs most (sections run in
+    # the order given, so a time limit cuts the last); together they likely need more than the ~13 minutes a
+    # session has after start-up (not measured), and the last sections may be cut:
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,sample,decode --out $OUT/gpu1.json
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,profile,evaluate,attention \
+        --train-runs sft-compile-opsac --out $OUT/gpu2.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
