@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         try:
             result = SECTIONS[name](ctx)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # SystemExit: train.py's or evaluate.py's own error exits
             failed += 1
             result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
         result["section_s"] = round(time.perf_counter() - t, 1)
