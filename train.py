@@ -245,7 +245,8 @@ def sequence_logps(model: model_lib.Qwen2ForCausalLM, mb: data_lib.MicroBatch,
     tok = losses.token_logprobs(hidden[mb.loss_index], model.lm_head.weight, mb.loss_target,
                                 compile=compile_head)  # (N,) fp32
     logps = torch.zeros(mb.n_seqs, device=tok.device).index_add(0, mb.loss_seq, tok)  # (S,)
-    lengths = torch.bincount(mb.loss_seq, minlength=mb.n_seqs).float()  # (S,)
+    # (S,) counted on the device: torch.bincount on CUDA waits for the device to size its output
+    lengths = torch.zeros_like(logps).index_add_(0, mb.loss_seq, torch.ones_like(tok))
     return logps, lengths
 
 
@@ -644,7 +645,7 @@ def stage_loss(args, logps, lengths, mb, ref, n_examples: int, n_loss_tokens: in
         loss = losses.dpo_loss(c, r, ref_c, ref_r, args.beta, n_examples)
         margin = args.beta * ((c - ref_c) - (r - ref_r))
     with torch.no_grad():  # tensors, summed on the device: no host sync per micro-batch
-        return loss, [(c / lc).sum(), (r / lr_).sum(), margin.sum(), (margin > 0).sum(), c.new_tensor(len(c))]
+        return loss, [(c / lc).sum(), (r / lr_).sum(), margin.sum(), (margin > 0).sum(), c.new_full((), len(c))]
 
 
 def metrics_record(args, step, epoch, lr, loss, grad_norm, update_norm, stats, dt, world, peak_flops, device) -> dict:
