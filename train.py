@@ -503,7 +503,7 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         f"than {args.max_len} tokens dropped, {loader.truncated:,} truncated), {total} steps of "
         f"{args.batch_size}, {world} rank(s) on {device.type}, {'bf16' if bf16 else 'fp32'}, "
         f"activation checkpointing {ac or 'off'}")
-    if args.compile:  # the first step waits for it, silently (an H100 took 15 s for blocks, 260 s for "ops")
+    if args.compile:  # the first step waits for it, silently (an H100 took 260 s for "ops" from cold caches)
         log("compiling the decoder blocks during the first step: it can take minutes")
     peak_flops = next((f for name, f in PEAK_FLOPS if device.type == "cuda" and
                        name in torch.cuda.get_device_name(device)), None)
