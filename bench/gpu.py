@@ -553,14 +553,16 @@ def section_profile(ctx: Ctx) -> dict:
     kinds: dict[str, float] = {}
     by_name: dict[str, list] = {}
     for kernel, us in kernels:
-        kinds[_kernel_kind(kernel)] = kinds.get(_kernel_kind(kernel), 0.0) + us / 1e3
+        kind = _kernel_kind(kernel)
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
         by_name.setdefault(kernel, [0.0, 0])
         by_name[kernel][0] += us / 1e3
         by_name[kernel][1] += 1
-    phases = dict.fromkeys([phase for phase, _, _ in PHASES] + ["the rest (embedding, loss, clipping, metrics)"], 0.0)
+    rest = "the rest (embedding, loss, clipping, metrics)"
+    phases = dict.fromkeys([phase for phase, _, _ in PHASES] + [rest], 0.0)
     for e, us in owned:  # a kernel belongs to the outermost phase range around the operator that launched it
-        phase, up = "the rest (embedding, loss, clipping, metrics)", e  # (the head's own compiled regions are
-        while up is not None:                                           # inside it)
+        phase, up = rest, e  # (the head's own compiled regions are inside it)
+        while up is not None:
             phase = next((ph for ph, exact, prefixes in PHASES if up.name in exact or up.name.startswith(prefixes)),
                          phase)
             up = up.cpu_parent
