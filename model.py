@@ -297,9 +297,22 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def decode_kernel_options(batch: int, kv_heads: int, sms: int) -> dict:
+    """flex_attention's decoding-kernel options for a step of `batch` rows: SPLIT_KV (decode_split_kv) and,
+    while the grid holds fewer than 6 thread blocks per SM, 4 warps and 3 pipeline stages instead of
+    inductor's 2 and 1 on sm_90, so each thread block keeps more key loads in flight. Fitted to an H100's
+    one-layer timings (bench/gpu.py --sections decode, 2026-11-26): 274 us against 347 at 64 x 8k context
+    (4.8 thread blocks per SM), 851 against 812 at 256 x 8k (7.8 per SM, already at the copy bandwidth)."""
+    split = decode_split_kv(batch, kv_heads, sms)
+    options: dict = {"SPLIT_KV": split}
+    if batch * kv_heads * split < 6 * sms:
+        options |= {"num_warps": 4, "num_stages": 3}
+    return options
+
+
 def _decode_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
-    """_flex_decode compiled for CUDA, with each row's keys split decode_split_kv ways."""
-    options = {"SPLIT_KV": decode_split_kv(q.shape[0], k.shape[1], _sm_count(q.device))}
+    """_flex_decode compiled for CUDA, with decode_kernel_options."""
+    options = decode_kernel_options(q.shape[0], k.shape[1], _sm_count(q.device))
     # One static compile per batch bucket: 9 for 256 slots, above dynamo's default limit of 8 compiles per
     # function, past which it would run the 9th bucket's attention uncompiled (the whole pool's scores).
     limit = max(64, torch._dynamo.config.recompile_limit)

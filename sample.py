@@ -358,7 +358,7 @@ class Sampler:
         self.device, self.dtype = param.device, param.dtype
         cuda = self.device.type == "cuda"
         if kv_gib is None:
-            kv_gib = 0.7 * torch.cuda.mem_get_info(self.device)[0] / 2**30 if cuda else 2.0
+            kv_gib = 0.7 * free_device_memory(self.device) / 2**30 if cuda else 2.0
         block_size = block_size or (128 if cuda else 32)
         n_blocks = int(kv_gib * 2**30 // (PagedKVCache.bytes_per_token(self.config, self.dtype) * block_size))
         if n_blocks < 2:
@@ -570,9 +570,10 @@ class Sampler:
         state.t.add_(1)
 
     def _graph(self, rows: int, params: SamplingParams) -> tuple[torch.cuda.CUDAGraph, DecodeState]:
-        """The decode step for `rows` rows captured in a CUDA graph (once per bucket and sampling settings).
-        Captured on padding rows (scratch block 0, position 0), so capturing changes no sequence's state."""
-        key = (rows, params)
+        """The decode step for `rows` rows captured in a CUDA graph (once per bucket and draw settings: a
+        new max_new_tokens or stop list reuses it). Captured on padding rows (scratch block 0, position 0), so
+        capturing changes no sequence's state."""
+        key = (rows, draw_settings(params))
         if key not in self._graphs:
             start = time.perf_counter()
             static = DecodeState.empty(rows, self.sync_every, self.device)
@@ -590,6 +591,20 @@ class Sampler:
             self._graphs[key] = (graph, static)
             self.capture_s += time.perf_counter() - start
         return self._graphs[key]
+
+
+def draw_settings(params: SamplingParams) -> SamplingParams:
+    """What of `params` a decode step's draw depends on (temperature, top-p, top-k, seed): the step's
+    captured graph is shared by every run with the same settings, whatever its length limit or stop tokens."""
+    return dataclasses.replace(params, max_new_tokens=1, stop_ids=())
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes of device memory free for a new allocation. PyTorch's caching allocator keeps what freed tensors
+    held, and the driver (mem_get_info) counts that as taken: without emptying it first, a sampler made after
+    another one, or after a large forward, would size its KV pool from a fraction of the memory really free."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
 
 
 @functools.cache

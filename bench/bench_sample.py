@@ -130,15 +130,17 @@ def decode_rate_hf(hf, prompts, new: int, device, **sampling) -> float:
     return len(prompts) * new / (time.perf_counter() - t - t_one)
 
 
-def decode_rate_ours(model, prompts, new: int, params_kw: dict, **sampler_kw) -> float:
+def decode_rate_ours(model, prompts, new: int, params_kw: dict, **sampler_kw) -> tuple[float, float]:
     """Our decode tokens/s: tokens decoded over the time spent decoding (prefill excluded, as for
-    transformers), after a warm-up run of the same batch size that compiles and captures what it needs."""
-    params = S.SamplingParams(new + 1, **params_kw)
+    transformers), after a warm-up run of the same batch size that compiles and captures what it needs; and
+    the seconds of compiling and capturing the timed run still did (excluded from the rate; 0 when the
+    warm-up covered it). Until 2026-11-26 the warm-up's other length limit made the timed run capture its
+    graph again, inside the timed time."""
     sampler = S.Sampler(model, max_slots=len(prompts), **sampler_kw)
     list(sampler.stream([p[:16] for p in prompts], S.SamplingParams(2 * sampler.sync_every + 1, **params_kw)))
-    sampler.generated, sampler.decode_s = 0, 0.0
-    list(sampler.stream(prompts, params))
-    return sampler.generated / sampler.decode_s
+    sampler.generated, sampler.decode_s, sampler.capture_s = 0, 0.0, 0.0
+    list(sampler.stream(prompts, S.SamplingParams(new + 1, **params_kw)))
+    return sampler.generated / (sampler.decode_s - sampler.capture_s), sampler.capture_s
 
 
 class ImposedLengths(S.Sampler):
@@ -195,13 +197,14 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     tokens = sampler.generated - base_tokens
     r = {"slots": slots, "window_s": wall, "capture_s_excluded": capture, "tokens": tokens, "finished": finished,
          "tok_s": tokens / wall, "decode_only_tok_s": tokens / (sampler.decode_s - base_decode - capture),
-         "preemptions": sampler.preemptions}
+         "preemptions": sampler.preemptions, "kv_pool_tokens": (sampler.cache.n_blocks - 1) * sampler.cache.block_size}
     protocol = 24_960 * float(np.mean(trace_lengths(np.random.default_rng(1), 1_000_000, mean, cap)))
     r["protocol_tokens"] = protocol
     r["projected_h_8_gpus"] = protocol / (8 * r["tok_s"]) / 3600
     if batch1_step_s is not None:  # the last sequence of a rank may run alone: at most a full trace at batch 1
         r["tail_bound_h"] = cap * batch1_step_s / 3600
-    print(f"  long tail ({slots} slots, lognormal mean {mean}, cap {cap}): {r['tok_s']:,.0f} tok/s over "
+    print(f"  long tail ({slots} slots, lognormal mean {mean}, cap {cap}, KV pool {r['kv_pool_tokens']:,} tokens, "
+          f"{sampler.preemptions} preemptions): {r['tok_s']:,.0f} tok/s over "
           f"{wall:.0f}s ({capture:.0f}s of capturing new buckets excluded); protocol ({protocol / 1e6:.0f}M tokens) on 8 GPUs: {r['projected_h_8_gpus']:.2f} h"
           f" + tail bound {r.get('tail_bound_h', float('nan')):.2f} h", flush=True)
     return r
@@ -217,21 +220,31 @@ def step_anatomy(model, device, sampling: dict, tiny: bool) -> dict:
     prompt = [list(range(10, 74 if tiny else 1010))]
     seen = {}
     for new in (16, 48):
-        sampler = S.Sampler(model, max_slots=1, cuda_graphs=False, compile=True, sync_every=1,
-                            **({"kv_gib": 0.05} if tiny else {}))
+        sampler = S.Sampler(model, max_slots=1, cuda_graphs=False, compile=True, sync_every=1, kv_gib=0.05 if tiny else 1)
         params = S.SamplingParams(new, **sampling)
         list(sampler.stream(prompt, params))  # warm-up: compiles what it needs
         sampler.generated = 0
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             list(sampler.stream(prompt, params))
             sync(device)
-        events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda]
-        seen[new] = (sampler.generated, len(events), sum(e.time_range.elapsed_us() for e in events) / 1e3)
-    if not seen[48][1]:
+        by_name: dict[str, list] = {}  # kernel (operator on CPU) name: [count, microseconds]
+        for e in prof.events():  # user annotations (record_function ranges) also appear on the device timeline
+            if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda and not e.is_user_annotation:
+                by_name.setdefault(e.name, [0, 0.0])
+                by_name[e.name][0] += 1
+                by_name[e.name][1] += e.time_range.elapsed_us()
+        seen[new] = (sampler.generated, by_name)
+        del sampler
+    (gen16, few), (gen48, many) = seen[16], seen[48]
+    if not many:
         raise RuntimeError("the profiler recorded no events of this device")
-    steps = seen[48][0] - seen[16][0]
-    return {"steps": steps, "events_per_step": (seen[48][1] - seen[16][1]) / steps,
-            "event_ms_per_step": (seen[48][2] - seen[16][2]) / steps}
+    steps = gen48 - gen16
+    per_step = {k: [(n - few.get(k, [0, 0.0])[0]) / steps, (us - few.get(k, [0, 0.0])[1]) / steps]
+                for k, (n, us) in many.items()}
+    top = sorted(per_step.items(), key=lambda kv: kv[1][1], reverse=True)[:15]
+    return {"steps": steps, "events_per_step": sum(n for n, _ in per_step.values()),
+            "event_ms_per_step": sum(us for _, us in per_step.values()) / 1e3,
+            "top_per_step": [{"name": k[:90], "calls": n, "us": us} for k, (n, us) in top]}
 
 
 def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
@@ -262,7 +275,7 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
                 hf_rate[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, do_sample=True, top_k=0, **sampling)
             while True:
                 try:
-                    ours_tps = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
+                    ours_tps, capture_s = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
                     break
                 except Exception as e:
                     if not fallbacks or isinstance(e, torch.cuda.OutOfMemoryError):  # memory is no compile error
@@ -276,7 +289,8 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             r[name] = {"cuda_graphs": mode.get("cuda_graphs", cuda),
                        "compiled_layers": (mode | extra).get("compile", mode.get("cuda_graphs", cuda)),
                        "transformers_tok_s": hf_rate[hf_B], "transformers_batch": hf_B, "ours_tok_s": ours_tps,
-                       "speedup": ours_tps / hf_rate[hf_B], "roofline_tok_s": roof, "of_roofline": ours_tps / roof}
+                       "speedup": ours_tps / hf_rate[hf_B], "roofline_tok_s": roof, "of_roofline": ours_tps / roof,
+                       "capture_s_excluded": capture_s}
             if B == 1 and not extra:
                 step1 = 1 / ours_tps
             print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s | ours {ours_tps:,.0f} tok/s "

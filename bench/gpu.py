@@ -33,7 +33,7 @@ leaves what it measured:
           by kind and by phase (compiled blocks forward and backward, chunked head, optimizer, FSDP2), and the
           share of the step's wall time the device was busy;
   decode  one layer's decode attention alone over a paged pool, for ways of launching flex_attention's
-          decoding kernel (block mask layout, SPLIT_KV, pipelining, warps): microseconds and bandwidth share;
+          decoding kernel (SPLIT_KV, pipelining, warps): microseconds and bandwidth share;
   sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases);
   evaluate  evaluate.py end to end on two bundled benchmarks (short generations), then rerun: it must resume
           with nothing to sample and write the same results.
@@ -542,9 +542,10 @@ def section_profile(ctx: Ctx) -> dict:
     prof = profile(activities=acts)
     stage, batch, lengths, budget, _, extra = train_runs(ctx)[name]
     run = train_run(ctx, f"profile-{name}", stage, batch, lengths, budget, 4, extra, profiler=prof)
-    if ctx.device.type == "cuda":  # each kernel, and each operator's own kernels (those it launched itself)
+    if ctx.device.type == "cuda":  # each kernel, and each operator's own kernels (those it launched itself);
+        # record_function ranges also appear on the device timeline, as user annotations spanning their kernels
         kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
         owned = [(e, sum(k.duration for k in e.kernels)) for e in prof.events() if e.kernels]
     else:  # the CPU smoke test: each operator's own CPU time stands for kernels
         kernels = [(e.name, e.self_cpu_time_total) for e in prof.events()]
@@ -590,22 +591,21 @@ def section_profile(ctx: Ctx) -> dict:
 
 @torch.no_grad()
 def section_decode(ctx: Ctx) -> dict:
-    """One layer's decode attention alone (model._flex_decode compiled over a paged pool, bf16), for ways of
-    launching flex_attention's decoding kernel: the block mask with each row's whole blocks listed as full
-    (what the sampler did until 2026-11-26: the kernel then splits those over the pool's length, so one thread
-    block reads a row's entire context), with them listed as partial (sample.PagedKVCache._block_mask now),
-    inductor's SPLIT_KV or ours (model.decode_split_kv), and, above batch 1, 3 pipelining stages with 2 or 4
-    warps. Each variant is checked against an fp32 reference on each row's gathered keys, and timed as
-    microseconds per call and the share of the measured copy bandwidth its KV reads reach (the sampler's step
-    does this once per layer)."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """One layer's decode attention alone (model._flex_decode compiled over a paged pool with the sampler's
+    block mask, bf16), for ways of launching flex_attention's decoding kernel: inductor's options, our SPLIT_KV
+    (model.decode_split_kv), and with it 3 pipelining stages with 2 or 4 warps; the one the sampler uses
+    (model.decode_kernel_options) is marked. Each variant is checked against an fp32 reference on each row's
+    gathered keys, and timed as microseconds per call and the share of the measured copy bandwidth its KV
+    reads reach (the sampler's step does this once per layer). The H100 runs of 2026-11-26 also timed the
+    mask's old layout (every whole block listed as full): 1.1-1.5x slower at batch 1 and 64, the same at 256;
+    dropped since."""
     c, dev = ctx.config, ctx.device
     H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     bs = 32 if ctx.tiny else 128  # the sampler's block sizes on CPU and GPU
     bw = bench_sample.bandwidth(dev)
     sms = M._sm_count(dev) if dev.type == "cuda" else 8
     r = {"copy_gb_s": bw / 1e9}
-    for B, n in ((2, 300), (4, 500)) if ctx.tiny else ((1, 1000), (64, 8000), (256, 8000)):
+    for B, n in ((2, 300), (4, 500)) if ctx.tiny else ((1, 1000), (64, 8000), (128, 8000), (256, 8000)):
         one = S.PagedKVCache(dataclasses.replace(c, num_hidden_layers=1),
                              n_blocks=B * -(-n // bs) + 1, block_size=bs, device=dev, dtype=ctx.dtype, in_place=True)
         g = torch.Generator(device=dev).manual_seed(0)
@@ -620,14 +620,7 @@ def section_decode(ctx: Ctx) -> dict:
         # scores with a standard deviation of 3: a few keys dominate each row, so a misread block shows
         q = (3 * torch.randn(B, H, 1, hd, device=dev, generator=g)).to(ctx.dtype)
         k, v = one.k[0][None], one.v[0][None]
-        partial = one._block_mask(lengths)
-        full_n = (lengths // bs).int()
-        last = one.page_table[:B].gather(1, full_n.clamp(max=one.n_blocks - 1)[:, None].long())
-        full = BlockMask.from_kv_blocks((lengths % bs != 0).int()[:, None, None],
-                                        torch.cat([last, torch.zeros_like(one.page_table[:B, 1:])], 1)[:, None, None],
-                                        full_n[:, None, None], one.page_table[:B, None, None], BLOCK_SIZE=bs,
-                                        mask_mod=partial.mask_mod, seq_lengths=partial.seq_lengths,
-                                        compute_q_blocks=False)
+        mask = one._block_mask(lengths)
         # the reference: each row's keys gathered, in fp32 (uncompiled flex_attention would score the whole
         # pool: tens of GB at batch 256)
         rows = one.pool_rows(torch.tensor(pages, device=dev)).flatten(1)[:, :n]  # (B, n) pool positions
@@ -639,17 +632,16 @@ def section_decode(ctx: Ctx) -> dict:
         bf16_err = float((sdpa.reshape(B, H, 1, hd).float() - want).abs().max())
         r[f"batch {B}, {n} positions, sdpa on gathered keys, max_err_vs_fp32"] = bf16_err
         del kk, vv, scores, sdpa
-        ours = M.decode_split_kv(B, Hkv, sms)
-        variants = {"full blocks, inductor's split": (full, None),
-                    "partial blocks, inductor's split": (partial, None),
-                    f"partial blocks, SPLIT_KV {ours} (the sampler's)": (partial, {"SPLIT_KV": ours})}
-        if B > 1:  # launch options where the KV reads dominate (each variant is a compile: ~13 in all)
-            variants |= {"... num_stages 3": (partial, {"SPLIT_KV": ours, "num_stages": 3}),
-                         "... num_stages 3, num_warps 4": (partial, {"SPLIT_KV": ours, "num_stages": 3,
-                                                                     "num_warps": 4})}
+        split = M.decode_split_kv(B, Hkv, sms)
+        variants = {"inductor's options": None, f"SPLIT_KV {split}": {"SPLIT_KV": split},
+                    "... num_stages 3": {"SPLIT_KV": split, "num_stages": 3},
+                    "... num_stages 3, num_warps 4": {"SPLIT_KV": split, "num_stages": 3, "num_warps": 4}}
+        sampler = M.decode_kernel_options(B, Hkv, sms)
+        variants = {name + (" (the sampler's)" if options == sampler else ""): options
+                    for name, options in variants.items()}  # (each variant is a compile: ~16 in all)
         case = {}
         kv_bytes = B * n * Hkv * hd * 2 * ctx.dtype.itemsize
-        for name, (mask, options) in variants.items():
+        for name, options in variants.items():
             try:
                 torch._dynamo.reset()
                 # on CPU the sampler runs it uncompiled (inductor's CPU flex template fails to build some of

@@ -65,6 +65,8 @@ def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
     assert M.decode_split_kv(64, 2, 132) == 5 and M.decode_split_kv(256, 2, 132) == 2
     assert M.decode_split_kv(1, 2, 132) == 64 and M.decode_split_kv(1024, 8, 132) == 1
     assert M.decode_split_kv(0, 2, 132) == 64
+    assert M.decode_kernel_options(64, 2, 132) == {"SPLIT_KV": 5, "num_warps": 4, "num_stages": 3}
+    assert M.decode_kernel_options(256, 2, 132) == {"SPLIT_KV": 2}
 
 
 def test_rope_stays_fp32_under_fsdp2_mixed_precision():
@@ -112,8 +114,10 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert [sample[k]["compiled_layers"] for k in sample if k.startswith("batch 1,")] == [True, False]
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
     anatomy = sample["step anatomy, batch 1, uncaptured"]
-    assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0
+    assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0 and anatomy["top_per_step"]
     ev = report["evaluate"]
     assert ev["generations"] == ev["expected_generations"] == 8 and ev["rerun_identical"]
-    variants = [v for case in report["decode"].values() if isinstance(case, dict) for v in case.values()]
-    assert len(variants) == 5 + 5 and all(v["ok"] for v in variants)  # two cases, both above batch 1
+    cases = [case for case in report["decode"].values() if isinstance(case, dict)]
+    variants = [v for case in cases for v in case.values()]
+    assert len(variants) == 4 + 4 and all(v["ok"] for v in variants)  # two cases, four launch options each
+    assert all(sum("(the sampler's)" in name for name in case) == 1 for case in cases)

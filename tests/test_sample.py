@@ -1,6 +1,7 @@
 """sample.py: greedy parity with transformers' generate, the paged cache, exact sampling distributions,
 continuous batching, preemption and reproducibility."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -401,6 +402,44 @@ def test_a_row_draws_the_same_token_in_any_batch():
                for i in range(0, 64, 9))
     greedy = S.draw(logits.bfloat16(), S.SamplingParams(1), prompt, sample, step)
     assert torch.equal(greedy, logits.bfloat16().argmax(-1))
+
+
+def test_a_captured_draw_serves_any_length_limit_and_stop_list():
+    """A captured decode step is keyed by draw_settings(params): the draw must read nothing else of params
+    (here, reading max_new_tokens or stop_ids raises), and settings that change the draw must change the key."""
+    class DrawOnly:
+        def __init__(self, params):
+            self._params = params
+
+        def __getattr__(self, name):
+            if name in ("max_new_tokens", "stop_ids"):
+                raise AssertionError(f"the draw read {name}")
+            return getattr(self._params, name)
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(8, 300, generator=g)
+    prompt, sample, step = torch.randint(0, 2**32, (3, 8), generator=g)
+    settings = [S.SamplingParams(5), S.SamplingParams(5, 0.6, 0.95), S.SamplingParams(5, 1.0, 1.0, 20, seed=3)]
+    for params in settings:
+        assert torch.equal(S.draw(logits, DrawOnly(params), prompt, sample, step),
+                           S.draw(logits, params, prompt, sample, step))
+        other = dataclasses.replace(params, max_new_tokens=900, stop_ids=(1, 2))
+        assert S.draw_settings(other) == S.draw_settings(params)
+    assert len({S.draw_settings(p) for p in settings + [dataclasses.replace(settings[1], seed=1)]}) == 4
+
+
+def test_the_default_kv_pool_counts_memory_the_allocator_caches_as_free(monkeypatch):
+    """mem_get_info counts what PyTorch's caching allocator holds as taken; a sampler made after another one
+    must size its pool from the memory free once that cache is emptied. (A stand-in allocator: no GPU here.)"""
+    state = {"cached": 40 * 2**30, "free": 10 * 2**30}
+
+    def empty_cache():
+        state["free"] += state["cached"]
+        state["cached"] = 0
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * 2**30))
+    assert S.free_device_memory(torch.device("cuda")) == 50 * 2**30
 
 
 def test_draw_runs_on_the_meta_device():
