@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -243,13 +244,15 @@ class AttnMask:
     At most one representation is used: nothing (plain causal, the fused SDPA/flash path), a flex_attention
     BlockMask (packed documents on GPU: no T x T tensor ever exists), a document gather (packed documents on
     CPU: the documents are gathered into a padded batch for one causal SDPA, so the work is the documents'
-    squared lengths, not T^2), or a dense boolean mask (padding, KV-cache decoding; True = may attend).
+    squared lengths, not T^2), document bounds known on the host (doc_attention: one causal call per
+    document), or a dense boolean mask (padding, KV-cache decoding; True = may attend).
     """
 
     dense: Tensor | None = None  # (B, 1, T, S) bool
     block: BlockMask | None = None
     doc_index: Tensor | None = None  # (D, L) position in the flattened (B*T) tokens of document d's j-th token
     doc_valid: Tensor | None = None  # (D, L) whether j is within document d
+    doc_bounds: Tensor | None = None  # (D+1,) int64 on the host: where each document starts, then T (doc_attention)
 
 
 @functools.cache
@@ -334,9 +337,136 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
 
 
+# -----------------------------------------------------------------------------
+# Attention one document at a time (train.py --attention per-document)
+
+# On CUDA each document is zero-padded to a multiple of this many tokens: cuDNN builds an execution graph for
+# every new sequence length (382 ms each on an H100), so a run meets at most max_len / 128 lengths.
+CUDNN_LENGTH_GRID = 128
+
+
+def _padded(x: Tensor, s: int, e: int, n: int) -> Tensor:
+    """Tokens s..e-1 of x (N, heads, hd) as one batch row (1, heads, n, hd), zeros after them."""
+    return F.pad(x[s:e].transpose(0, 1), (0, 0, 0, n - (e - s)))[None]
+
+
+def _causal_probs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One document's causal attention in fp32, heads first: q (L, H, hd), k/v (L, Hkv, hd) -> q, k, v as
+    (H, L, hd) (k and v repeated per query head), probabilities P (H, L, L) and logsumexp (H, L) of the
+    scores S = q k^T / sqrt(hd)."""
+    L, H, hd = q.shape
+    qh = q.transpose(0, 1).float()
+    kh, vh = (x.transpose(0, 1).float().repeat_interleave(H // k.shape[1], 0) for x in (k, v))
+    scores = (qh @ kh.transpose(1, 2)) * hd**-0.5  # (H, L, L)
+    scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    lse = scores.logsumexp(-1)  # (H, L)
+    return qh, kh, vh, (scores - lse[..., None]).exp(), lse
+
+
+def _causal_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal attention of one document, the reference (and the CPU path): O = P V, output (L, H, hd) in q's
+    dtype and logsumexp (H, L)."""
+    _, _, vh, probs, lse = _causal_probs(q, k, v)
+    return (probs @ vh).transpose(0, 1).to(q.dtype), lse
+
+
+def _causal_grads(grad: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference backward of one document (FlashAttention-2's equations): with dO the output gradient,
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K / sqrt(hd), dK = dS^T Q / sqrt(hd);
+    dK and dV summed over the query heads sharing each KV head."""
+    L, H, hd = q.shape
+    Hkv = k.shape[1]
+    qh, kh, vh, probs, _ = _causal_probs(q, k, v)
+    do = grad.transpose(0, 1).float()  # (H, L, hd)
+    dp = do @ vh.transpose(1, 2)  # (H, L, L)
+    ds = probs * (dp - (do * (probs @ vh)).sum(-1, keepdim=True))  # (H, L, L)
+    per_kv = lambda x: x.view(Hkv, H // Hkv, L, hd).sum(1).transpose(0, 1)  # noqa: E731  (H, L, hd) -> (L, Hkv, hd)
+    dq = (ds @ kh).transpose(0, 1) * hd**-0.5
+    return dq.to(q.dtype), per_kv(ds.transpose(1, 2) @ qh * hd**-0.5).to(k.dtype), \
+        per_kv(probs.transpose(1, 2) @ do).to(v.dtype)
+
+
+@torch.library.custom_op("redi::doc_attention", mutates_args=())
+def doc_attention(q: Tensor, k: Tensor, v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal attention within each packed document, one call per document: q (N, H, hd), k/v (N, Hkv, hd)
+    token-major, bounds (D+1,) int64 on the host (document d is tokens bounds[d] .. bounds[d+1]-1) ->
+    output (N, H, hd) and logsumexp (H, N) fp32 (kept for the backward).
+
+    On CUDA each call is cuDNN's fused attention (GQA native) on the document zero-padded to
+    CUDNN_LENGTH_GRID: causal, so a real query never sees the padding, and padding queries, whose output is
+    dropped, send no gradient back. A custom op, so torch.compile treats it as one opaque call and the
+    document loop, a host loop over lengths the host already knows, never syncs or recompiles."""
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    edges = bounds.tolist()
+    for s, e in zip(edges[:-1], edges[1:]):
+        if q.is_cuda:
+            n = -(-(e - s) // CUDNN_LENGTH_GRID) * CUDNN_LENGTH_GRID
+            o, l = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                _padded(q, s, e, n), _padded(k, s, e, n), _padded(v, s, e, n), None, True, 0.0, True, False)[:2]
+            out[s:e] = o[0, :, :e - s].transpose(0, 1)  # o (1, H, n, hd)
+            lse[:, s:e] = l.reshape(q.shape[1], n)[:, :e - s]  # l (1, H, n, 1)
+        else:
+            out[s:e], lse[:, s:e] = _causal_with_lse(q[s:e], k[s:e], v[s:e])
+    return out, lse
+
+
+@doc_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("redi::doc_attention_backward", mutates_args=())
+def doc_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of doc_attention's output for q, k, v, document by document: cuDNN's backward from the saved
+    output and logsumexp on CUDA (padding rows: zero output gradient and zero logsumexp, so they add nothing),
+    the reference equations (_causal_grads) on CPU."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    edges = bounds.tolist()
+    for s, e in zip(edges[:-1], edges[1:]):
+        if q.is_cuda:
+            n = -(-(e - s) // CUDNN_LENGTH_GRID) * CUDNN_LENGTH_GRID
+            pad = lambda x: _padded(x, s, e, n)  # noqa: E731
+            no_dropout = torch.zeros((), dtype=torch.long, device=q.device)  # philox seed and offset, unread
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                pad(grad), pad(q), pad(k), pad(v), pad(out), F.pad(lse[:, s:e], (0, n - (e - s)))[None, ..., None],
+                no_dropout, no_dropout, None, None, None, n, n, 0.0, True)
+            for d, g in ((dq, gq), (dk, gk), (dv, gv)):
+                d[s:e] = g[0, :, :e - s].transpose(0, 1)
+        else:
+            dq[s:e], dk[s:e], dv[s:e] = _causal_grads(grad[s:e], q[s:e], k[s:e], v[s:e])
+    return dq, dk, dv
+
+
+@doc_attention_backward.register_fake
+def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+      bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _doc_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, bounds = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bounds)
+
+
+def _doc_attention_grad(ctx, grad: Tensor, grad_lse: Tensor | None):
+    q, k, v, out, lse, bounds = ctx.saved_tensors
+    return *doc_attention_backward(grad, q, k, v, out, lse, bounds), None
+
+
+doc_attention.register_autograd(_doc_attention_grad, setup_context=_doc_attention_setup)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     """Scaled dot-product attention with grouped-query heads. q (B, H, T, hd), k/v (B, Hkv, S, hd); with a
     BlockMask, k/v may also be (1, Hkv, S, hd), shared by every row (the sampler's paged KV pool)."""
+    if mask.doc_bounds is not None:
+        B, H, T, hd = q.shape
+        tokens = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hd)  # noqa: E731  (B*T, heads, hd)
+        y, _ = doc_attention(tokens(q), tokens(k), tokens(v), mask.doc_bounds)
+        return y.view(B, T, H, hd).transpose(1, 2)
     if mask.block is not None:
         if q.shape[2] == 1 and k.shape[0] == 1:  # the sampler's paged decoding
             return (_decode_attention if q.is_cuda else _flex_decode)(q, k, v, mask.block)
@@ -613,7 +743,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, *, position_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                return_hidden: bool = False) -> Tensor:
+                doc_lengths: Sequence[int] | None = None, return_hidden: bool = False) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or final hidden states (B, T, hidden) with return_hidden.
 
         position_ids (B, T): positions restarting at 0 at each packed document; attention is causal within a
@@ -622,6 +752,9 @@ class Qwen2ForCausalLM(nn.Module):
         cache: decode with a KV cache (KVCache, or any object with its begin/update/advance methods, like the
             sampler's paged cache); positions default to continuing each row's cached length. A cache whose
             `compiled_regions` is true has the layers run compiled around attention (_compiled_regions).
+        doc_lengths: the lengths of the documents packed in a single row, known on the host (with
+            position_ids): attention then runs one document at a time (doc_attention, cuDNN on CUDA) instead
+            of through a document mask.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -638,7 +771,13 @@ class Qwen2ForCausalLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None \
                     else torch.arange(T, device=input_ids.device)[None]
             position_ids = position_ids.expand(B, T)
-            mask = build_mask(position_ids if packed else None, attention_mask, use_flex=input_ids.is_cuda)
+            if doc_lengths is not None:
+                if B != 1 or attention_mask is not None or sum(doc_lengths) != T or min(doc_lengths, default=0) < 1:
+                    raise ValueError(f"doc_lengths must be the positive lengths of one row's documents, summing to "
+                                     f"its {T} tokens, without attention_mask; got {B} rows and {list(doc_lengths)}")
+                mask = AttnMask(doc_bounds=torch.tensor([0, *itertools.accumulate(doc_lengths)]))
+            else:
+                mask = build_mask(position_ids if packed else None, attention_mask, use_flex=input_ids.is_cuda)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)

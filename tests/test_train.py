@@ -439,6 +439,22 @@ def test_training_with_activation_checkpointing_ends_with_the_same_weights(toy, 
     assert "--ac-scope ops needs --compile" in capsys.readouterr().err
 
 
+def test_per_document_attention_trains_as_the_document_mask_does(toy, tmp_path, monkeypatch):
+    """--attention per-document (model.doc_attention, one call per document) gives the document-mask path's
+    losses and gradient norms, eager and compiled with selective checkpointing (the op is opaque to
+    torch.compile, and its output is among what --ac-scope ops keeps)."""
+    mask = run(toy, tmp_path / "mask", "--max-steps", "3")
+    calls = []
+    per_doc = M._causal_with_lse
+    monkeypatch.setattr(M, "_causal_with_lse", lambda *a: calls.append(1) or per_doc(*a))
+    for name, extra in (("eager", []), ("compiled", ["--compile", "--ac-scope", "ops"])):
+        calls.clear()
+        log = run(toy, tmp_path / name, "--max-steps", "3", "--attention", "per-document", *extra)
+        assert calls, name  # the documents went through doc_attention
+        for key in ("loss", "grad_norm"):
+            assert [x[key] for x in log] == pytest.approx([x[key] for x in mask], rel=1e-4), (name, key)
+
+
 def test_a_compile_failure_names_the_way_around_it(toy, tmp_path, monkeypatch):
     """torch.compile failing inside a step ends the run with an error that names the flags around it."""
     def failing(*args, **kwargs):
