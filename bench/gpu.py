@@ -2,14 +2,15 @@
 
     python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
     python bench/gpu.py --sections parity,train                      # a subset
-    # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26) the first compile of
-    # --ac-scope ops took 260 s, sample 245 s, parity greedy 96 s. The next session's two calls, the second at
-    # once (a machine idle for 30 s is given back), each ordered by what its issue needs most (sections run in
-    # the order given, so a time limit cuts the last); together they likely need more than the ~13 minutes a
-    # session has after start-up (not measured), and the last sections may be cut:
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections env,sample,decode --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections train,profile,evaluate,attention \
-        --train-runs sft-compile-opsac --out $OUT/gpu2.json
+    # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26): the first compile of
+    # --ac-scope ops 239-260 s, sample 251 s, decode 23 s, attention 115 s (60 s of it autotuning, dropped
+    # since), evaluate 24 s, parity greedy 96 s. The next session's two calls, the second at once (a machine
+    # idle for 30 s is given back), each ordered by what its issue needs most (sections and runs go in the
+    # order given, so a time limit cuts the last); the per-document run's compile time is not known:
+    PYTHONUNBUFFERED=1 timeout 380 python bench/gpu.py --sections attention,train,profile \
+        --train-runs sft-compile-opsac-perdoc --profile-run sft-compile-opsac-perdoc --out $OUT/gpu1.json
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections sample,decode,train --train-runs sft-compile-opsac \
+        --out $OUT/gpu2.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
@@ -27,8 +28,9 @@ leaves what it measured:
           over the steps that compiled nothing, peak memory; and the chunked head (losses.token_logprobs) alone
           at 16k and 32k tokens;
   attention  forward+backward of attention alone at 16k training shapes, for each way of computing it (SDPA
-          backends, flex_attention with inductor's kernel choice and autotuned, one call per document,
-          varlen_attn), and what a run of new lengths costs each backend;
+          backends, flex_attention, one SDPA call per document, model.doc_attention as train.py --attention
+          per-document runs it, checked against fp32 beside flex_attention's own error, varlen_attn), and what
+          a run of new lengths costs each backend;
   profile the kernels of one train.py step (--profile-run, after the train section it reuses the compiled code)
           by kind and by phase (compiled blocks forward and backward, chunked head, optimizer, FSDP2), and the
           share of the step's wall time the device was busy;
@@ -367,6 +369,8 @@ def train_runs(ctx: Ctx) -> dict[str, tuple]:
             "sft-compile-noac": ("sft", 8, sft_len, budget, steps + 3, ["--compile", "--no-ac"]),
             "sft-compile-mlpac": ("sft", 8, sft_len, budget, steps + 3, ["--compile", "--ac-scope", "mlp"]),
             "sft-compile-opsac": ("sft", 8, sft_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"]),
+            "sft-compile-opsac-perdoc": ("sft", 8, sft_len, budget, steps + 3,
+                                         ["--compile", "--ac-scope", "ops", "--attention", "per-document"]),
             "redi-compile-opsac": ("redi", 4, pref_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"])}
     if tiny:  # activation checkpointing, the GPU default
         runs = {k: v[:-1] + (v[-1] + ([] if "--no-ac" in v[-1] else ["--ac"]),) for k, v in runs.items()}
@@ -420,7 +424,8 @@ def _fwd_bwd(fn, *xs):
 def section_attention(ctx: Ctx) -> dict:
     """Forward+backward of the attention alone at training shapes, for each way we could compute it: one
     causal document (each SDPA backend), packed documents (flex_attention, one SDPA call per document,
-    varlen_attn where this torch has it), and a run of distinct lengths (cuDNN builds a graph per shape)."""
+    model.doc_attention, varlen_attn where this torch has it), and a run of distinct lengths (cuDNN builds a
+    graph per shape)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     c, dev = ctx.config, ctx.device
@@ -466,15 +471,44 @@ def section_attention(ctx: Ctx) -> dict:
     mask = make(lambda b, h, qi, ki: (doc_id[qi] == doc_id[ki]) & (ki <= qi), 1, None, T, T, device=dev)
     record(f"{len(docs)} documents, flex_attention", _fwd_bwd(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True),
                                                                q, k, v), docs)
-    if dev.type == "cuda":  # would a tuned kernel configuration be faster than inductor's default? (its choices
-        # are in the autotuning log on stdout)
-        tuned = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
-        record(f"{len(docs)} documents, flex_attention, max-autotune",
-               _fwd_bwd(lambda: tuned(q, k, v, block_mask=mask, enable_gqa=True), q, k, v), docs)
-        # Hopper's tensor memory accelerator for the loads (inductor's default uses it only on XPU)
-        record(f"{len(docs)} documents, flex_attention, USE_TMA",
-               _fwd_bwd(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options={"USE_TMA": True}),
-                        q, k, v), docs)
+    # (max-autotune and USE_TMA, timed here on an H100 on 2026-11-26, moved flex_attention by 3%: dropped, as
+    # autotuning took a minute of the device check)
+    # train.py --attention per-document: model.doc_attention, one cuDNN call per document padded to a multiple
+    # of 128 tokens (on CPU: the reference equations); first checked against those equations in fp32, beside
+    # flex_attention's own error
+    bounds = torch.tensor([0, *np.cumsum(docs)])
+    tokens = lambda x: x.detach()[0].transpose(0, 1).contiguous().requires_grad_()  # noqa: E731 (T, heads, hd)
+    tq, tk, tv = tokens(q), tokens(k), tokens(v)
+
+    def per_document():
+        return M.doc_attention(tq, tk, tv, bounds)[0]
+    try:
+        grad = torch.randn(T, H, hd, device=dev, generator=torch.Generator(device=dev).manual_seed(0)).to(ctx.dtype)
+        got = {}  # output and q, k, v gradients, token-major (T, heads, hd); flex_attention has no CPU backward
+        ways = [("doc_attention", per_document, (tq, tk, tv))] + [
+            ("flex_attention", lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)[0].transpose(0, 1), (q, k, v))
+        ] * (dev.type == "cuda")
+        for name, fn, xs in ways:
+            out = fn()
+            got[name] = [out.detach()] + [g if g.dim() == 3 else g[0].transpose(0, 1)
+                                          for g in torch.autograd.grad(out, xs, grad)]
+        err = dict.fromkeys(got, 0.0)
+        rounding = 0.0  # a bf16 rounding of the largest reference value: the error of the CPU path
+        for s0, e0 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):  # the fp32 reference, document by document
+            doc = [x[s0:e0].detach().float() for x in (tq, tk, tv)]
+            want = [M._causal_with_lse(*doc)[0], *M._causal_grads(grad[s0:e0].float(), *doc)]
+            rounding = max(rounding, *(float(b.abs().max()) * 2**-8 for b in want))
+            for name, values in got.items():
+                err[name] = max(err[name], *(float((a[s0:e0].float() - b).abs().max()) for a, b in zip(values, want)))
+            del doc, want
+        record(f"{len(docs)} documents, doc_attention (train.py --attention per-document)",
+               _fwd_bwd(per_document, tq, tk, tv), docs)
+        r[f"{len(docs)} documents, doc_attention (train.py --attention per-document)"] |= {
+            "max_err_vs_fp32": err["doc_attention"], "flex_max_err_vs_fp32": err.get("flex_attention"),
+            "ok": err["doc_attention"] <= max(2 * err.get("flex_attention", 0.0), rounding)}
+    except Exception as e:
+        r[f"{len(docs)} documents, doc_attention (train.py --attention per-document)"] = {
+            "error": f"{type(e).__name__}: {str(e)[:500]}", "trace": traceback.format_exc()[-1500:]}
     try:
         from torch.nn.attention.varlen import varlen_attn
         cu = torch.tensor([0, *np.cumsum(docs)], device=dev, dtype=torch.int32)
@@ -512,7 +546,7 @@ def _kernel_kind(name: str) -> str:
     elementwise and reductions; triton_tem: templates, flex_attention's or a tuned matmul's), or, on CPU, an
     operator's."""
     n = name.lower()
-    if "flex" in n or "attention" in n or "fmha" in n or "flash" in n:
+    if any(w in n for w in ("flex", "attention", "fmha", "flash", "sdpa")):  # (cuDNN's: ..._native_sdpa_...)
         return "attention"
     if any(w in n for w in ("gemm", "matmul", "nvjet", "xmma", "cutlass", "wgmma")) or \
             n.startswith(("aten::mm", "aten::addmm", "triton_tem")):

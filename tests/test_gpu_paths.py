@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -69,6 +70,40 @@ def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
     assert M.decode_kernel_options(256, 2, 132) == {"SPLIT_KV": 2}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_per_document_attention_on_cudnn_matches_the_reference():
+    """model.doc_attention on CUDA (cuDNN per document, padded to CUDNN_LENGTH_GRID) against the reference
+    equations in fp32: bf16 outputs and gradients within a few bf16 roundings, with lengths off the grid."""
+    lengths = [1, 130, 700, 257]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), h, 128, device="cuda", generator=g).bfloat16().requires_grad_()
+               for h in (12, 2, 2))
+    grad = torch.randn(sum(lengths), 12, 128, device="cuda", generator=g).bfloat16()
+    out, _ = M.doc_attention(q, k, v, bounds)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        doc = [x[s:e].detach().float() for x in (q, k, v)]
+        for a, b in zip(got, [M._causal_with_lse(*doc)[0], *M._causal_grads(grad[s:e].float(), *doc)]):
+            assert float((a[s:e].float() - b).abs().max()) <= 4 * 2**-8 * float(b.abs().max()) + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_heads_weight_gradient_accumulates_in_fp32_on_cuda(monkeypatch):
+    """losses.token_logprobs on CUDA adds each chunk's bf16 weight-gradient product into fp32 in one GEMM
+    (addmm's out_dtype); it agrees with the bf16 product added separately, to that product's rounding."""
+    import losses
+    assert losses._addmm_into_fp32(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(3000, 256, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (0.05 * torch.randn(5000, 256, device="cuda", generator=g)).bfloat16().requires_grad_()
+    targets = torch.randint(0, 5000, (3000,), device="cuda", generator=g)
+    fused = torch.autograd.grad(losses.token_logprobs(hidden, weight, targets, chunk=512).sum(), weight)[0]
+    monkeypatch.setattr(losses, "_addmm_into_fp32", lambda device: False)
+    split = torch.autograd.grad(losses.token_logprobs(hidden, weight, targets, chunk=512).sum(), weight)[0]
+    torch.testing.assert_close(fused.float(), split.float(), rtol=2**-6, atol=1e-3)
+
+
 def test_rope_stays_fp32_under_fsdp2_mixed_precision():
     """FSDP2 with bf16 parameters must not cast the fp32 RoPE cos/sin that each block receives (sampling
     computes RoPE in fp32 too), while the hidden states run in bf16."""
@@ -101,9 +136,10 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
     runs = [r for r in report["train"].values() if isinstance(r, dict) and "stage" in r]
-    assert len(runs) == 9 and all(r["tokens_per_s"] > 0 for r in runs)
+    assert len(runs) == 10 and all(r["tokens_per_s"] > 0 for r in runs)
     compiled = [r for name, r in report["train"].items() if "compile" in name and isinstance(r, dict) and "stage" in r]
-    assert len(compiled) == 6 and 1 in report["train"]["sft-compile"]["steps_that_compiled"]  # later runs reuse it
+    assert len(compiled) == 7 and 1 in report["train"]["sft-compile"]["steps_that_compiled"]  # later runs reuse it
+    assert report["attention"]["3 documents, doc_attention (train.py --attention per-document)"]["ok"]
     assert all(not set(r["steady_steps"]) & set(r["steps_that_compiled"]) for r in compiled)
     phases = report["profile"]["kernel_ms_by_phase"]  # (on CPU: operators' own time) the phases are found by name
     assert phases["chunked head backward"] > phases["chunked head forward"] > 0  # three matmuls per chunk, one
