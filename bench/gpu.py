@@ -286,6 +286,8 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     bench_train.synthetic_prepared(data, ctx.tokenizer / "tokenizer.json", kind, lengths)
+    max_len = budget // (1 if kind == "sft" else 2)
+    warm_s = warm_doc_attention(ctx, lengths, max_len) if "per-document" in extra else None
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -301,7 +303,7 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     with no_checkpoint_writes(), after_each_step(step_done):
         T.main(["--stage", stage, "--model", str(ctx.checkpoint()), "--data", str(data), "--out", str(out),
                 "--batch-size", str(batch), "--micro-tokens", str(budget),
-                "--max-len", str(budget // (1 if kind == "sft" else 2)), "--truncate", "--max-steps", str(steps),
+                "--max-len", str(max_len), "--truncate", "--max-steps", str(steps),
                 "--save-every", "0", "--log-every", "1", "--dtype", "bf16", *extra])
     wall = time.perf_counter() - t
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -320,7 +322,25 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
             "tokens_per_step": sum(x["tokens"] for x in steady) / len(steady),
             "tokens_per_s": sum(x["tokens"] for x in steady) / seconds,
             "mfu": sum(mfu) / seconds if mfu else None, "peak_mem_gib": max(x["peak_mem_gib"] for x in log),
-            "loss_first_last": [log[0]["loss"], log[-1]["loss"]]}
+            "loss_first_last": [log[0]["loss"], log[-1]["loss"]], "cudnn_graphs_built_before_s": warm_s}
+
+
+def warm_doc_attention(ctx: Ctx, lengths: np.ndarray, max_len: int) -> float:
+    """Seconds spent running model.doc_attention forward and backward once at each padded document length
+    the run's data holds, before it starts: cuDNN builds a graph per new length (382 ms on an H100), which a
+    real run pays once per length in its first steps (at most max_len / 128 lengths), and which would
+    otherwise land inside this short run's timed steps."""
+    c, dev = ctx.config, ctx.device
+    grid = M.CUDNN_LENGTH_GRID
+    docs = np.minimum(lengths[:, :1] + lengths[:, 1:], max_len)  # prompt + each response, truncated
+    padded = sorted({int(-(-n // grid) * grid) for n in docs.flatten()})
+    t = time.perf_counter()
+    for n in padded:
+        q, k, v = (torch.zeros(n, h, c.head_dim, device=dev, dtype=ctx.dtype, requires_grad=True)
+                   for h in (c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads))
+        M.doc_attention(q, k, v, torch.tensor([0, n]))[0].sum().backward()
+    ctx.sync()
+    return time.perf_counter() - t
 
 
 def head_costs(ctx: Ctx) -> dict:

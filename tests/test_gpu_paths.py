@@ -140,6 +140,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     compiled = [r for name, r in report["train"].items() if "compile" in name and isinstance(r, dict) and "stage" in r]
     assert len(compiled) == 7 and 1 in report["train"]["sft-compile"]["steps_that_compiled"]  # later runs reuse it
     assert report["attention"]["3 documents, doc_attention (train.py --attention per-document)"]["ok"]
+    assert report["train"]["sft-compile-opsac-perdoc"]["cudnn_graphs_built_before_s"] > 0
     assert all(not set(r["steady_steps"]) & set(r["steps_that_compiled"]) for r in compiled)
     phases = report["profile"]["kernel_ms_by_phase"]  # (on CPU: operators' own time) the phases are found by name
     assert phases["chunked head backward"] > phases["chunked head forward"] > 0  # three matmuls per chunk, one
