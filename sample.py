@@ -344,7 +344,7 @@ class Sampler:
     prompt tokens prefilled together in one packed forward. cuda_graphs: capture the decode step (all layers,
     the head and the draw) in CUDA graphs, one per batch-size bucket, with the draw compiled (default on
     GPU: its ~70 passes over (B, vocab) fuse into a few). compile: run each decoding step's layers compiled
-    around attention (model._compiled_regions; default: with cuda_graphs). in_place: decode
+    around attention (model._compiled_regions; default: with cuda_graphs), and on GPU the draw. in_place: decode
     attention reads the KV pool in place (default on GPU; on CPU it is exact too, but flex_attention runs
     uncompiled there and is slower than gathering). With cuda_graphs, compile and in_place all False, nothing
     is compiled, on GPU too: prefill then gathers each prompt's tokens for SDPA as on CPU.
@@ -372,8 +372,8 @@ class Sampler:
         self.cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not (cuda and self.cache.in_place):
             raise ValueError("cuda_graphs needs a CUDA model and the in-place paged attention")
-        self._draw = _compiled_draw() if self.cuda_graphs else draw
         self.cache.compile_decoding = self.cuda_graphs if compile is None else compile
+        self._draw = _compiled_draw() if self.cuda_graphs or (cuda and self.cache.compile_decoding) else draw
         if self.cache.in_place:  # at the largest bucket's size once: captured graphs keep their addresses
             self.cache.decode_buffers(_bucket(max_slots, max_slots))
         self.preemptions = 0

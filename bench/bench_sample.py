@@ -210,22 +210,26 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     return r
 
 
-def step_anatomy(model, device, sampling: dict, tiny: bool) -> dict:
-    """Where a batch-1 decode step's time goes, uncaptured (a profiler does not see into a CUDA graph's
-    replay) but with the layers compiled: device kernels per step and their summed time, from the difference
-    of two profiled runs of 16 and 48 new tokens, so the prompt's prefill cancels. Set beside the captured
-    step's time, it tells launch gaps from slow kernels. On CPU it counts operator events instead."""
+def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int) -> dict:
+    """Where a decode step's time goes at this batch and context, uncaptured (a profiler does not see into a
+    CUDA graph's replay) but with the layers compiled: device kernels per step, their summed time and the
+    top ones, from the difference of two profiled runs of 16 and 48 new tokens, so the prompts' prefill
+    cancels. Set beside the captured step's time, it tells launch gaps from slow kernels. On CPU it counts
+    operator events instead."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
-    prompt = [list(range(10, 74 if tiny else 1010))]
+    prompts = [list(range(10 + b, 10 + b + prompt_len)) for b in range(batch)]
+    per_token = S.PagedKVCache.bytes_per_token(model.config, next(model.parameters()).dtype)
+    kv_gib = batch * (prompt_len + 48 + 2 * 128) * per_token / 2**30  # each row, its growth and two partial blocks
     seen = {}
     for new in (16, 48):
-        sampler = S.Sampler(model, max_slots=1, cuda_graphs=False, compile=True, sync_every=1, kv_gib=0.05 if tiny else 1)
+        sampler = S.Sampler(model, max_slots=batch, cuda_graphs=False, compile=True, sync_every=1,
+                            kv_gib=kv_gib)
         params = S.SamplingParams(new, **sampling)
-        list(sampler.stream(prompt, params))  # warm-up: compiles what it needs
+        list(sampler.stream(prompts, params))  # warm-up: compiles what it needs
         sampler.generated = 0
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            list(sampler.stream(prompt, params))
+            list(sampler.stream(prompts, params))
             sync(device)
         by_name: dict[str, list] = {}  # kernel (operator on CPU) name: [count, microseconds]
         for e in prof.events():  # user annotations (record_function ranges) also appear on the device timeline
@@ -238,7 +242,7 @@ def step_anatomy(model, device, sampling: dict, tiny: bool) -> dict:
     (gen16, few), (gen48, many) = seen[16], seen[48]
     if not many:
         raise RuntimeError("the profiler recorded no events of this device")
-    steps = gen48 - gen16
+    steps = (gen48 - gen16) // batch
     per_step = {k: [(n - few.get(k, [0, 0.0])[0]) / steps, (us - few.get(k, [0, 0.0])[1]) / steps]
                 for k, (n, us) in many.items()}
     top = sorted(per_step.items(), key=lambda kv: kv[1][1], reverse=True)[:15]
@@ -260,7 +264,7 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
              else [(1, 1000, 128), (64, 8000, 64), (256, 8000, 32)])  # (batch, prompt tokens, new tokens)
     cases.insert(1, cases[0] + ({"compile": False},))  # batch 1 again, the layers uncompiled: what compiling gives
     r = {"copy_gb_s": bw / 1e9}
-    hf_rate, step1 = {}, None
+    hf_rate, step_s = {}, {}  # step_s: seconds per captured decode step, by batch
     mode = {"kv_gib": 0.05, "compile": True} if tiny else {}  # tiny (CPU): the GPU default, compiled layers
     # on a first GPU run, what fails is recorded and the case measured again without it: the compiled layers
     # first, then CUDA graphs
@@ -291,8 +295,8 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
                        "transformers_tok_s": hf_rate[hf_B], "transformers_batch": hf_B, "ours_tok_s": ours_tps,
                        "speedup": ours_tps / hf_rate[hf_B], "roofline_tok_s": roof, "of_roofline": ours_tps / roof,
                        "capture_s_excluded": capture_s}
-            if B == 1 and not extra:
-                step1 = 1 / ours_tps
+            if not extra:
+                step_s[B] = B / ours_tps
             print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s | ours {ours_tps:,.0f} tok/s "
                   f"({ours_tps / hf_rate[hf_B]:.2f}x) | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%)",
                   flush=True)
@@ -303,18 +307,21 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             torch.cuda.empty_cache()
         if progress is not None:
             progress(r)
+    for B, prompt_len, _ in [cases[0], cases[2]]:  # batch 1 and the first large batch
+        try:
+            anatomy = step_anatomy(ours, device, sampling, B, prompt_len)
+            if B in step_s:
+                anatomy["captured_step_ms"] = 1e3 * step_s[B]  # the same step in a CUDA graph (GPU), from its case
+        except Exception as e:
+            anatomy = {"error": f"{type(e).__name__}: {e}"}
+        r[f"step anatomy, batch {B}, uncaptured"] = anatomy
+        print(f"  step anatomy, batch {B}, uncaptured: {json.dumps(anatomy)}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if progress is not None:
+            progress(r)
     try:
-        anatomy = step_anatomy(ours, device, sampling, tiny)
-        if step1 is not None:
-            anatomy["first_case_step_ms"] = 1e3 * step1  # the same step captured in a CUDA graph (GPU)
-    except Exception as e:
-        anatomy = {"error": f"{type(e).__name__}: {e}"}
-    r["step anatomy, batch 1, uncaptured"] = anatomy
-    print(f"  step anatomy, batch 1, uncaptured: {json.dumps(anatomy)}", flush=True)
-    if progress is not None:
-        progress(r)
-    try:
-        r["long tail"] = long_tail(ours, device, tiny, step1, mode)
+        r["long tail"] = long_tail(ours, device, tiny, step_s.get(1), mode)
     except Exception as e:
         r["long tail"] = {"error": f"{type(e).__name__}: {e}"}
         print(f"  long tail: {r['long tail']['error']}", flush=True)

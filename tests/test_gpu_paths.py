@@ -152,6 +152,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
     anatomy = sample["step anatomy, batch 1, uncaptured"]
     assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0 and anatomy["top_per_step"]
+    assert sample["step anatomy, batch 8, uncaptured"]["steps"] == 32
     ev = report["evaluate"]
     assert ev["generations"] == ev["expected_generations"] == 8 and ev["rerun_identical"]
     cases = [case for case in report["decode"].values() if isinstance(case, dict)]
