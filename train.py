@@ -453,6 +453,9 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     pref = args.stage != "sft"
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    if args.attention == "per-document" and device.type == "cuda" and not bf16:
+        raise SystemExit("error: --attention per-document runs cuDNN on GPU, which has no fp32 kernels: "
+                         "use --dtype bf16 or the default --attention mask")
     ac_on = (device.type == "cuda" and not args.no_ac) or args.ac or args.ac_scope is not None
     ac = (args.ac_scope or "block") if ac_on else None
 
