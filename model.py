@@ -345,6 +345,20 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
 CUDNN_LENGTH_GRID = 128
 
 
+def padded_length(length: int) -> int:
+    """A document's length rounded up to CUDNN_LENGTH_GRID: the shape cuDNN sees for it."""
+    return -(-length // CUDNN_LENGTH_GRID) * CUDNN_LENGTH_GRID
+
+
+def _spans(bounds: Tensor, n_tokens: int) -> list[tuple[int, int, int]]:
+    """(start, end, padded length) of each document of bounds (D+1,), which must tile the n_tokens."""
+    edges = bounds.tolist()
+    spans = [(s, e, padded_length(e - s)) for s, e in zip(edges[:-1], edges[1:])]
+    if not spans or edges[0] != 0 or edges[-1] != n_tokens or any(e <= s for s, e, _ in spans):
+        raise ValueError(f"document bounds must rise from 0 to the {n_tokens} tokens, got {edges}")
+    return spans
+
+
 def _padded(x: Tensor, s: int, e: int, n: int) -> Tensor:
     """Tokens s..e-1 of x (N, heads, hd) as one batch row (1, heads, n, hd), zeros after them."""
     return F.pad(x[s:e].transpose(0, 1), (0, 0, 0, n - (e - s)))[None]
@@ -398,10 +412,8 @@ def doc_attention(q: Tensor, k: Tensor, v: Tensor, bounds: Tensor) -> tuple[Tens
     document loop, a host loop over lengths the host already knows, never syncs or recompiles."""
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-    edges = bounds.tolist()
-    for s, e in zip(edges[:-1], edges[1:]):
+    for s, e, n in _spans(bounds, q.shape[0]):
         if q.is_cuda:
-            n = -(-(e - s) // CUDNN_LENGTH_GRID) * CUDNN_LENGTH_GRID
             o, l = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 _padded(q, s, e, n), _padded(k, s, e, n), _padded(v, s, e, n), None, True, 0.0, True, False)[:2]
             out[s:e] = o[0, :, :e - s].transpose(0, 1)  # o (1, H, n, hd)
@@ -422,11 +434,9 @@ def doc_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     """Gradients of doc_attention's output for q, k, v, document by document: cuDNN's backward from the saved
     output and logsumexp on CUDA (padding rows: zero output gradient and zero logsumexp, so they add nothing),
     the reference equations (_causal_grads) on CPU."""
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    edges = bounds.tolist()
-    for s, e in zip(edges[:-1], edges[1:]):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for s, e, n in _spans(bounds, q.shape[0]):
         if q.is_cuda:
-            n = -(-(e - s) // CUDNN_LENGTH_GRID) * CUDNN_LENGTH_GRID
             pad = lambda x: _padded(x, s, e, n)  # noqa: E731
             no_dropout = torch.zeros((), dtype=torch.long, device=q.device)  # philox seed and offset, unread
             gq, gk, gv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(

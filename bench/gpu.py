@@ -331,9 +331,8 @@ def warm_doc_attention(ctx: Ctx, lengths: np.ndarray, max_len: int) -> float:
     real run pays once per length in its first steps (at most max_len / 128 lengths), and which would
     otherwise land inside this short run's timed steps."""
     c, dev = ctx.config, ctx.device
-    grid = M.CUDNN_LENGTH_GRID
     docs = np.minimum(lengths[:, :1] + lengths[:, 1:], max_len)  # prompt + each response, truncated
-    padded = sorted({int(-(-n // grid) * grid) for n in docs.flatten()})
+    padded = sorted({M.padded_length(int(n)) for n in docs.flatten()})
     t = time.perf_counter()
     for n in padded:
         q, k, v = (torch.zeros(n, h, c.head_dim, device=dev, dtype=ctx.dtype, requires_grad=True)

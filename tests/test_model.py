@@ -219,6 +219,9 @@ def test_per_document_attention_equals_the_document_mask_forward_and_backward():
     for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
         assert_close(a, b)
     torch.library.opcheck(M.doc_attention, (q, k, v, bounds))
+    for bad in ([0, 5], [0, 40, 30, N], [1, N]):
+        with pytest.raises(ValueError, match="document bounds must rise"):
+            M.doc_attention(q, k, v, torch.tensor(bad))
     config = M.Qwen2Config(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=6, num_key_value_heads=2)
     model = M.build_model(config, seed=0)
