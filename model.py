@@ -414,13 +414,28 @@ def doc_attention(q: Tensor, k: Tensor, v: Tensor, bounds: Tensor) -> tuple[Tens
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     for s, e, n in _spans(bounds, q.shape[0]):
         if q.is_cuda:
-            o, l = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                _padded(q, s, e, n), _padded(k, s, e, n), _padded(v, s, e, n), None, True, 0.0, True, False)[:2]
-            out[s:e] = o[0, :, :e - s].transpose(0, 1)  # o (1, H, n, hd)
-            lse[:, s:e] = l.reshape(q.shape[1], n)[:, :e - s]  # l (1, H, n, 1)
+            out[s:e], lse[:, s:e] = _cudnn_document(q, k, v, s, e, n)
         else:
             out[s:e], lse[:, s:e] = _causal_with_lse(q[s:e], k[s:e], v[s:e])
     return out, lse
+
+
+def _cudnn_document(q: Tensor, k: Tensor, v: Tensor, s: int, e: int, n: int) -> tuple[Tensor, Tensor]:
+    """Document s..e-1 through cuDNN's fused attention, padded to n: output (e-s, H, hd), logsumexp (H, e-s)."""
+    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _padded(q, s, e, n), _padded(k, s, e, n), _padded(v, s, e, n), None, True, 0.0, True, False)[:2]
+    return o[0, :, :e - s].transpose(0, 1), lse.reshape(q.shape[1], n)[:, :e - s]  # o (1, H, n, hd), lse (1, H, n, 1)
+
+
+def _cudnn_document_grads(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, s: int, e: int,
+                          n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of document s..e-1 for q, k, v from cuDNN's backward, padded to n like its forward."""
+    pad = lambda x: _padded(x, s, e, n)  # noqa: E731
+    no_dropout = torch.zeros((), dtype=torch.long, device=q.device)  # philox seed and offset, unread
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        pad(grad), pad(q), pad(k), pad(v), pad(out), F.pad(lse[:, s:e], (0, n - (e - s)))[None, ..., None],
+        no_dropout, no_dropout, None, None, None, n, n, 0.0, True)
+    return tuple(g[0, :, :e - s].transpose(0, 1) for g in grads)
 
 
 @doc_attention.register_fake
@@ -437,13 +452,7 @@ def doc_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for s, e, n in _spans(bounds, q.shape[0]):
         if q.is_cuda:
-            pad = lambda x: _padded(x, s, e, n)  # noqa: E731
-            no_dropout = torch.zeros((), dtype=torch.long, device=q.device)  # philox seed and offset, unread
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                pad(grad), pad(q), pad(k), pad(v), pad(out), F.pad(lse[:, s:e], (0, n - (e - s)))[None, ..., None],
-                no_dropout, no_dropout, None, None, None, n, n, 0.0, True)
-            for d, g in ((dq, gq), (dk, gk), (dv, gv)):
-                d[s:e] = g[0, :, :e - s].transpose(0, 1)
+            dq[s:e], dk[s:e], dv[s:e] = _cudnn_document_grads(grad, q, k, v, out, lse, s, e, n)
         else:
             dq[s:e], dk[s:e], dv[s:e] = _causal_grads(grad[s:e], q[s:e], k[s:e], v[s:e])
     return dq, dk, dv

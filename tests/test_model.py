@@ -219,6 +219,13 @@ def test_per_document_attention_equals_the_document_mask_forward_and_backward():
     for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
         assert_close(a, b)
     torch.library.opcheck(M.doc_attention, (q, k, v, bounds))
+    # the CUDA path's calls to torch's private cuDNN attention ops, bound on the meta device (arguments in
+    # order, outputs unpadded to the document's length), at the real head counts
+    meta = [torch.empty(100, h, 128, device="meta", dtype=torch.bfloat16) for h in (12, 2, 2)]
+    o, l = M._cudnn_document(*meta, 10, 90, 128)
+    assert o.shape == (80, 12, 128) and l.shape == (12, 80) and l.dtype == torch.float32
+    grads = M._cudnn_document_grads(meta[0], *meta, meta[0], torch.empty(12, 100, device="meta"), 10, 90, 128)
+    assert [g.shape for g in grads] == [(80, 12, 128), (80, 2, 128), (80, 2, 128)]
     for bad in ([0, 5], [0, 40, 30, N], [1, N]):
         with pytest.raises(ValueError, match="document bounds must rise"):
             M.doc_attention(q, k, v, torch.tensor(bad))
