@@ -71,13 +71,14 @@ def _addmm_into_fp32(device: torch.device) -> bool:
     """Whether addmm adds a bf16 product straight into an fp32 matrix on this device (its out_dtype: CUDA
     only). The head's weight gradient then takes one GEMM per chunk instead of a bf16 product and an fp32 add
     over all (V, H) entries: ~1 ms per chunk on an H100 at Qwen2's vocabulary (bench/gpu.py's profile), and
-    no rounding of the product to bf16. Checked once by running it."""
+    no rounding of the product to bf16. Checked once by running it: torch 2.11's own decomposition of this
+    overload (used on the meta device) takes out_dtype for beta and fails."""
     if device.type != "cuda":
         return False
     ones = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
     acc = torch.ones(16, 16, device=device)
     try:
-        torch.addmm(acc, ones, ones, torch.float32, out=acc)
+        torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError):
         return False
     return bool((acc == 17).all())
@@ -122,7 +123,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             if need_h:
                 grad_h[c] = dlogits @ weight  # (c, H)
             if need_w and _addmm_into_fp32(hidden.device):  # (V, H): one GEMM accumulating in fp32
-                torch.addmm(grad_w, dlogits.T, h, torch.float32, out=grad_w)
+                torch.addmm(grad_w, dlogits.T, h, out_dtype=torch.float32, out=grad_w)
             elif need_w:
                 grad_w += dlogits.T @ h  # (V, H), the product rounded to the weight's dtype, then added
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
