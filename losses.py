@@ -117,12 +117,13 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         dlogits_of = _compiled(_dlogits) if ctx.compile else _dlogits
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        fp32_gemm = need_w and _addmm_into_fp32(hidden.device)
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, c = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
             dlogits = dlogits_of(h @ weight.T, lse[c], targets[c], grad[c])  # (c, V), recomputed logits
             if need_h:
                 grad_h[c] = dlogits @ weight  # (c, H)
-            if need_w and _addmm_into_fp32(hidden.device):  # (V, H): one GEMM accumulating in fp32
+            if fp32_gemm:  # (V, H): one GEMM accumulating in fp32
                 torch.addmm(grad_w, dlogits.T, h, out_dtype=torch.float32, out=grad_w)
             elif need_w:
                 grad_w += dlogits.T @ h  # (V, H), the product rounded to the weight's dtype, then added
