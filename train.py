@@ -123,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--attention", choices=("mask", "per-document"), default="mask",
                    help="how the documents packed in a micro-batch attend: one call with a document mask "
                         "(flex_attention on GPU), or one call per document (cuDNN on GPU, documents padded to a "
-                        "multiple of 128 tokens; faster in isolation on an H100, not yet measured in training)")
+                        "multiple of 128 tokens; faster in isolation on an H100, not yet measured in training; "
+                        "PyTorch counts cuDNN attention as not deterministic, so --resume may not give the same bits)")
     g.add_argument("--eager-head", action="store_true",
                    help="do not compile the chunked head's softmax (compiled by default on GPU), where compiling it "
                         "fails; flex_attention, which packed rows use on GPU, is compiled in any case")

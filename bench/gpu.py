@@ -9,8 +9,8 @@
     # order given, so a time limit cuts the last); the per-document run's compile time is not known:
     PYTHONUNBUFFERED=1 timeout 380 python bench/gpu.py --sections attention,train,profile \
         --train-runs sft-compile-opsac-perdoc --profile-run sft-compile-opsac-perdoc --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections sample,decode,train --train-runs sft-compile-opsac \
-        --out $OUT/gpu2.json
+    PYTHONUNBUFFERED=1 python bench/gpu.py --sections sample,decode,resume,train --resume-runs mask \
+        --train-runs sft-compile-opsac --out $OUT/gpu2.json
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
@@ -27,10 +27,13 @@ leaves what it measured:
           first-step (compile/warm-up) time, every step's time and MFU (6N + 12 L d T), tokens/s and MFU pooled
           over the steps that compiled nothing, peak memory; and the chunked head (losses.token_logprobs) alone
           at 16k and 32k tokens;
+  resume  train.py stopped after step 1 and resumed, each run a fresh process, against the same 3 steps run
+          straight (2 blocks of the config, compiled): are the final weights the same bits?
   attention  forward+backward of attention alone at 16k training shapes, for each way of computing it (SDPA
           backends, flex_attention, one SDPA call per document, model.doc_attention as train.py --attention
-          per-document runs it, checked against fp32 beside flex_attention's own error, varlen_attn), and what
-          a run of new lengths costs each backend;
+          per-document runs it, checked against fp32 beside flex_attention's own error, and whether a second
+          forward and backward gives the same bits; varlen_attn), and what a run of new lengths costs each
+          backend;
   profile the kernels of one train.py step (--profile-run, after the train section it reuses the compiled code)
           by kind and by phase (compiled blocks forward and backward, chunked head, optimizer, FSDP2), and the
           share of the step's wall time the device was busy;
@@ -51,6 +54,7 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -59,6 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,6 +88,7 @@ class Ctx:
         self.report: dict = {"tiny": tiny, "sections": {}}
         self.parity_parts = ("causal", "packed", "greedy")
         self.train_runs: tuple[str, ...] | None = None
+        self.resume_runs: tuple[str, ...] = tuple(resume_runs())
         self.profile_run = "sft-compile-opsac"
         self.device = torch.device("cpu" if tiny else "cuda")
         self.dtype = torch.bfloat16
@@ -428,6 +434,58 @@ def section_train(ctx: Ctx) -> dict:
     return r
 
 
+def resume_runs() -> dict[str, list[str]]:
+    """The resume section's runs, by name: train.py arguments beyond the shared ones."""
+    ops = ["--compile", "--ac-scope", "ops"]
+    return {"mask": ops, "per-document": ops + ["--attention", "per-document"]}
+
+
+def section_resume(ctx: Ctx) -> dict:
+    """train.py --resume as a user resumes, every run a fresh process: 3 steps straight, against 1 step
+    (--stop-at 1) then --resume to 3. README promises the same bits; on GPU that holds only where every kernel
+    is deterministic (PyTorch counts cuDNN attention, which --attention per-document runs, as not). The 1.5B
+    config cut to 2 blocks (a checkpoint with its optimizer state is ~4 GB instead of ~18), bf16, compiled
+    with selective checkpointing, 4k-token micro-batches."""
+    config = dataclasses.replace(ctx.config, num_hidden_layers=2)
+    base, data = ctx.tmp / "resume-base", ctx.tmp / "resume-data"
+    for d in (base, data):
+        shutil.rmtree(d, ignore_errors=True)
+    M.save_pretrained(M.build_model(config, dtype=ctx.dtype, seed=0), base, tokenizer_from=ctx.tokenizer)
+    budget = 256 if ctx.tiny else 4096
+    lengths = np.minimum(bench_train.realistic_lengths(32, 2) // (32 if ctx.tiny else 2), budget // 2)
+    bench_train.synthetic_prepared(data, ctx.tokenizer / "tokenizer.json", "sft", lengths)
+    shared = [sys.executable, str(ROOT / "train.py"), "--stage", "sft", "--model", str(base), "--data", str(data),
+              "--batch-size", "8", "--micro-tokens", str(budget), "--max-len", str(budget), "--max-steps", "3",
+              "--save-every", "0", "--log-every", "1", "--dtype", "bf16"]
+    r = {}
+    for name in ctx.resume_runs:
+        try:
+            straight, stopped = ctx.tmp / f"resume-{name}-straight", ctx.tmp / f"resume-{name}-stopped"
+            seconds = []
+            for out, more in ((straight, []), (stopped, ["--stop-at", "1"]), (stopped, ["--resume"])):
+                t = time.perf_counter()
+                proc = subprocess.run([*shared, *resume_runs()[name], "--out", str(out), *more], cwd=ROOT,
+                                      capture_output=True, text=True, timeout=600)
+                seconds.append(round(time.perf_counter() - t, 1))
+                if proc.returncode != 0:
+                    raise RuntimeError(f"train.py {' '.join(more)} exited {proc.returncode}: {proc.stderr[-1500:]}")
+            a, b = (load_file(out / "final" / "model.safetensors") for out in (straight, stopped))
+            differ = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+            logs = [[json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+                    for out in (straight, stopped)]
+            r[name] = {"same_bits": not differ and a.keys() == b.keys(), "tensors": len(a),
+                       "tensors_differing": len(differ), "max_abs_diff": max(differ.values(), default=0.0),
+                       "losses_straight": logs[0], "losses_resumed": logs[1], "process_s": seconds}
+        except Exception as e:
+            r[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        finally:
+            for out in (straight, stopped):
+                shutil.rmtree(out, ignore_errors=True)
+        print(f"    {name}: {json.dumps(r[name])[:400]}", flush=True)
+        ctx.write("resume", r)
+    return r
+
+
 # -----------------------------------------------------------------------------
 # attention backends and where a training step's time goes
 
@@ -504,13 +562,19 @@ def section_attention(ctx: Ctx) -> dict:
     try:
         grad = torch.randn(T, H, hd, device=dev, generator=torch.Generator(device=dev).manual_seed(0)).to(ctx.dtype)
         got = {}  # output and q, k, v gradients, token-major (T, heads, hd); flex_attention has no CPU backward
+        repeatable = {}  # a second forward and backward gives the same bits (what a bit-exact --resume needs)
         ways = [("doc_attention", per_document, (tq, tk, tv))] + [
             ("flex_attention", lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)[0].transpose(0, 1), (q, k, v))
         ] * (dev.type == "cuda")
         for name, fn, xs in ways:
-            out = fn()
-            got[name] = [out.detach()] + [g if g.dim() == 3 else g[0].transpose(0, 1)
-                                          for g in torch.autograd.grad(out, xs, grad)]
+            runs = []
+            for _ in range(2):
+                out = fn()
+                runs.append([out.detach()] + [g if g.dim() == 3 else g[0].transpose(0, 1)
+                                              for g in torch.autograd.grad(out, xs, grad)])
+            got[name] = runs[0]
+            repeatable[name] = all(torch.equal(a, b) for a, b in zip(*runs))
+            del runs
         err = dict.fromkeys(got, 0.0)
         rounding = 0.0  # a bf16 rounding of the largest reference value: the error of the CPU path
         for s0, e0 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):  # the fp32 reference, document by document
@@ -524,6 +588,7 @@ def section_attention(ctx: Ctx) -> dict:
                _fwd_bwd(per_document, tq, tk, tv), docs)
         r[f"{len(docs)} documents, doc_attention (train.py --attention per-document)"] |= {
             "max_err_vs_fp32": err["doc_attention"], "flex_max_err_vs_fp32": err.get("flex_attention"),
+            "same_bits_twice": repeatable["doc_attention"], "flex_same_bits_twice": repeatable.get("flex_attention"),
             "ok": err["doc_attention"] <= max(2 * err.get("flex_attention", 0.0), rounding)}
     except Exception as e:
         r[f"{len(docs)} documents, doc_attention (train.py --attention per-document)"] = {
@@ -749,7 +814,8 @@ def section_evaluate(ctx: Ctx) -> dict:
             "pass@1": {name: m["pass@1"] for name, m in results["benchmarks"].items()}}
 
 
-SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "attention": section_attention,
+SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "resume": section_resume,
+            "attention": section_attention,
             "profile": section_profile, "decode": section_decode, "sample": section_sample,
             "evaluate": section_evaluate}
 
@@ -762,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-runs", help="training runs to time, in this order (default all: sft,redi,sft-32k,"
                                         "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac,"
                                         "sft-compile-opsac,redi-compile-opsac)")
+    p.add_argument("--resume-runs", default=",".join(resume_runs()),
+                   help="the resume section's runs, in this order (default: all)")
     p.add_argument("--profile-run", default="sft-compile-opsac", help="the training run whose last step the "
                                                                         "profile section profiles")
     p.add_argument("--out", default="gpu.json", help="the JSON report")
@@ -781,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_run not in train_runs(ctx):
         p.error(f"unknown --profile-run {args.profile_run!r}; known: {', '.join(train_runs(ctx))}")
     ctx.profile_run = args.profile_run
+    ctx.resume_runs = tuple(args.resume_runs.split(","))
+    if set(ctx.resume_runs) - set(resume_runs()):
+        p.error(f"unknown --resume-runs {args.resume_runs!r}; known: {', '.join(resume_runs())}")
     failed = 0
     for name in names:
         t = time.perf_counter()
