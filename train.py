@@ -34,7 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -320,25 +322,41 @@ def _dcp(op, state: dict, path: Path) -> None:
         op(state, checkpoint_id=path, no_dist=dist.get_world_size() == 1)
 
 
+def resume_point(out: Path) -> str:
+    """Where --resume would continue from, in words, for an error message."""
+    resumable = [c for c in complete_checkpoints(out) if (c / "state").is_dir()]
+    if not resumable:
+        return "There is no resumable checkpoint yet."
+    return f"The last complete checkpoint is {resumable[-1]} (--resume continues from it)."
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, args, config, rank: int) -> Path:
     """Write <out>/step-NNNNNN atomically: everything goes to a hidden temporary directory, renamed into place
-    by rank 0 only after every rank has finished, so a killed save never looks complete."""
+    by rank 0 only after every rank has finished, so a killed save never looks complete. A write that fails
+    (a full disk) ends the run with the checkpoint to resume from, its partial copy removed."""
     final, tmp = out / f"step-{step:06d}", out / f".step-{step:06d}.tmp"
-    if rank == 0:
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            model_lib.save_state_dict(full, config, tmp / "model", tokenizer_from=args.model)
+        del full
+        _dcp(dcp.save, {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+             tmp / "state")
+        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                    if torch.cuda.is_available() else None}, tmp / "state" / f"rng-{rank}.pt")
+        if rank == 0:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+            (tmp / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    except (OSError, SafetensorError, CheckpointException) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        model_lib.save_state_dict(full, config, tmp / "model", tokenizer_from=args.model)
-    del full
-    _dcp(dcp.save, {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-         tmp / "state")
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                else None}, tmp / "state" / f"rng-{rank}.pt")
-    if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
-        (tmp / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        # dcp.save reports each rank's error inside its own exception: {rank: (error, traceback)}
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        raise SystemExit(f"error: could not write the checkpoint of step {step} ({cause}); its partial copy is "
+                         f"removed. {resume_point(out)}") from e
     dist.barrier()
     if rank == 0:
         tmp.rename(final)
@@ -597,10 +615,15 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
             log(f"stopped at step {step + 1} as asked; continue with --resume")
             return
     if rank == 0:  # the last step always checkpoints: final/ is a copy of its model, not a second gather
-        tmp = out / f".final.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(complete_checkpoints(out)[-1] / "model", tmp)
-        model_lib.replace_dir(tmp, out / "final")
+        tmp, last = out / f".final.tmp-{os.getpid()}", complete_checkpoints(out)[-1]
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(last / "model", tmp)
+            model_lib.replace_dir(tmp, out / "final")
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f"error: trained, but could not copy {last / 'model'} to {out / 'final'} ({e}); "
+                             f"the trained model is {last / 'model'}") from e
         log(f"done: {total} steps in {time.time() - t_start:.0f}s; model in {out / 'final'}")
     dist.barrier()
 

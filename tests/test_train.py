@@ -193,6 +193,32 @@ def test_resume_after_a_kill_during_a_checkpoint_write(toy, tmp_path):
     assert not (tmp_path / "killed" / ".step-000004.tmp").exists()
 
 
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_where_to_resume(toy, tmp_path, monkeypatch):
+    """The disk fills during the second checkpoint's write (the error as torch's checkpoint writer raises it):
+    the run ends naming the checkpoint to resume from, the partial write is gone, and --resume then finishes."""
+    import torch.distributed.checkpoint.filesystem as fs
+    real_write, real_save, saves = fs._write_item, T.dcp.save, []
+
+    def full_disk(*args, **kwargs):
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        saves.append(1)
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(fs, "_write_item", full_disk)
+    monkeypatch.setattr(T.dcp, "save", counted)
+    with pytest.raises(SystemExit, match=r"could not write the checkpoint of step 4 \(\[Errno 28\] No space left on "
+                                         r"device\); its partial copy is removed. The last complete checkpoint is "
+                                         r"\S+step-000002 \(--resume continues from it\)"):
+        run(toy, tmp_path / "run", "--max-steps", "6", "--save-every", "2")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["RUN", "metrics.jsonl", "step-000002"]
+    monkeypatch.setattr(fs, "_write_item", real_write)
+    log = run(toy, tmp_path / "run", "--max-steps", "6", "--save-every", "2", "--resume")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (tmp_path / "run" / "final").is_dir()
+
+
 def test_checkpoints_load_in_our_loader_and_transformers(toy, tmp_path):
     run(toy, tmp_path / "run", "--max-steps", "4", "--save-every", "2", "--keep-state", "1")
     ckpts = T.complete_checkpoints(tmp_path / "run")
