@@ -286,12 +286,13 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
             if len(pending[i]) < args.samples:
                 continue
             name, row = mine[i]
-            for j, toks in sorted(pending.pop(i), key=lambda x: x[0]):
-                cut = len(toks) >= args.max_new_tokens and toks[-1] not in stops
-                f.write(json.dumps({"benchmark": name, "id": row["id"], "sample": j, "tokens": len(toks),
-                                    "cut": cut, "completion": tok.decode(toks, skip_special_tokens=True)},
-                                   allow_nan=False) + "\n")
-            f.flush()  # a whole problem at a time, so a rerun never sees half of one
+            with _kept_on_disk_error(out, "the generations"):
+                for j, toks in sorted(pending.pop(i), key=lambda x: x[0]):
+                    cut = len(toks) >= args.max_new_tokens and toks[-1] not in stops
+                    f.write(json.dumps({"benchmark": name, "id": row["id"], "sample": j, "tokens": len(toks),
+                                        "cut": cut, "completion": tok.decode(toks, skip_special_tokens=True)},
+                                       allow_nan=False) + "\n")
+                f.flush()  # a whole problem at a time, so a rerun never sees half of one
             finish_times.append(time.time())
             if finish_times[-1] - last_log > 10 or len(finish_times) == len(mine):
                 last_log = finish_times[-1]
@@ -301,8 +302,20 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> None:
                     f"{'(after a few problems)' if eta is None else time.strftime('%H:%M:%S', time.gmtime(eta))}")
     dist.barrier(group=finish_line)
     if rank == 0:
-        report(args, out, benches, problems)
+        with _kept_on_disk_error(out, "the report"):
+            report(args, out, benches, problems)
     dist.barrier(group=finish_line)
+
+
+@contextlib.contextmanager
+def _kept_on_disk_error(out: Path, what: str):
+    """A write that fails (a full disk) ends the run saying what is kept: every problem written whole before
+    it (a line torn by the failure is dropped when the same command resumes)."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"error: could not write {what} in {out} ({e}); the problems finished before are kept: "
+                         f"free space and rerun the same command to go on") from e
 
 
 @contextlib.contextmanager

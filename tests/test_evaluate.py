@@ -97,6 +97,44 @@ def test_a_compile_failure_while_sampling_points_to_eager(toy, tmp_path, monkeyp
     assert len(records) == 9
 
 
+def test_a_full_disk_while_sampling_keeps_what_was_written(toy, tmp_path, monkeypatch):
+    """The disk fills while the second problem's samples are written: the run ends saying so, the first
+    problem's lines are kept whole, and the same command then finishes with every sample once."""
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f, lines):
+            self.f, self.lines = f, lines
+
+        def write(self, text):
+            if self.lines == 0:
+                self.f.write(text[:10])  # a torn line, as a write cut short leaves it
+                self.f.flush()
+                raise OSError(28, "No space left on device")
+            self.lines -= 1
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(E, "open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode, *a, **k), 3)
+                        if mode == "a" else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(SystemExit, match=r"could not write the generations in \S+ \(\[Errno 28\] No space left on "
+                                         r"device\); the problems finished before are kept"):
+        run(toy, tmp_path / "o", "--limit", "3")
+    lines = (tmp_path / "o" / "generations.rank0.jsonl").read_text().split("\n")
+    assert len(lines) == 4 and all(json.loads(line) for line in lines[:3])  # 3 whole lines, then the torn one
+    monkeypatch.undo()
+    _, records = run(toy, tmp_path / "o", "--limit", "3")
+    assert sorted((r["id"], r["sample"]) for r in records) == sorted({(r["id"], r["sample"]) for r in records})
+    assert len(records) == 9
+
+
 def scripted_stream(correct_of):
     """A stand-in for the sampler: every sample answers with the gold answer when correct_of(problem,
     sample) says so, else with a wrong one."""
