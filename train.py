@@ -231,17 +231,12 @@ def parallelize(model: model_lib.Qwen2ForCausalLM, device: torch.device, *, ac: 
     for compute and reduces gradients in fp32. The embedding, final norm and (tied) head live in the root
     group, so a tied weight stays one parameter. Forward inputs are not cast: the hidden states are already
     bf16 (the embedding's output), and the RoPE cos/sin that every block receives stay fp32, as in sampling.
-
-    The blocks compile with dynamic shapes from the first micro-batch. Left to dynamo, the first token count
-    gets kernels of its own and the second a recompile to dynamic ones, so which kernels a micro-batch ran
-    (and their rounding) would depend on what the process had seen before: a resumed run could round
-    differently from an uninterrupted one.
     """
     if ac is not None:
         checkpoint_activations(model, ac)
     if compile:
         for i, block in enumerate(model.model.layers):
-            model.model.layers[i] = torch.compile(block, dynamic=True)
+            model.model.layers[i] = torch.compile(block)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if bf16 else MixedPrecisionPolicy()
