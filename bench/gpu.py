@@ -6,11 +6,15 @@
     # --ac-scope ops 239-260 s, sample 251 s, decode 23 s, attention 115 s (60 s of it autotuning, dropped
     # since), evaluate 24 s, parity greedy 96 s. The next session's two calls, the second at once (a machine
     # idle for 30 s is given back), each ordered by what its issue needs most (sections and runs go in the
-    # order given, so a time limit cuts the last); the per-document run's compile time is not known:
-    PYTHONUNBUFFERED=1 timeout 380 python bench/gpu.py --sections attention,train,profile \
-        --train-runs sft-compile-opsac-perdoc --profile-run sft-compile-opsac-perdoc --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 python bench/gpu.py --sections sample,decode,resume,train --resume-runs mask \
-        --train-runs sft-compile-opsac --out $OUT/gpu2.json
+    # order given, so a time limit cuts the last); the per-document run's compile and cuDNN graph-building
+    # times are not known (a later run in the same process reuses both):
+    PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
+        --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard \
+        --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,decode,resume --resume-runs mask \
+        --out $OUT/gpu2.json
+    # (if the per-document runs fail at once in call 1, call 2 adds `train` with
+    # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard)
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
@@ -23,13 +27,14 @@ leaves what it measured:
   train   train.py's own code path (FSDP2 on one rank, bf16, activation checkpointing) for SFT and REDI on
           packed ragged 16k-token micro-batches and on one 32k-token sequence, with and without --compile
           (and compiled with no activation checkpointing, and with it on the MLPs only or on the elementwise
-          work only, --ac-scope mlp and ops):
+          work only, --ac-scope mlp and ops; the last also with --attention per-document and --no-reshard):
           first-step (compile/warm-up) time, every step's time and MFU (6N + 12 L d T), tokens/s and MFU pooled
           over the steps that compiled nothing, peak memory; and the chunked head (losses.token_logprobs) alone
           at 16k and 32k tokens;
   resume  train.py stopped after step 1 and resumed, each run a fresh process, against the same 3 steps run
           straight (2 blocks of the config, compiled): are the final weights the same bits?
-  attention  forward+backward of attention alone at 16k training shapes, for each way of computing it (SDPA
+  attention  (--attention-brief: flex_attention and doc_attention only)
+          forward+backward of attention alone at 16k training shapes, for each way of computing it (SDPA
           backends, flex_attention, one SDPA call per document, model.doc_attention as train.py --attention
           per-document runs it, checked against fp32 beside flex_attention's own error, and whether a second
           forward and backward gives the same bits; varlen_attn), and what a run of new lengths costs each
@@ -89,6 +94,7 @@ class Ctx:
         self.parity_parts = ("causal", "packed", "greedy")
         self.train_runs: tuple[str, ...] | None = None
         self.resume_runs: tuple[str, ...] = tuple(resume_runs())
+        self.attention_brief = False
         self.profile_run = "sft-compile-opsac"
         self.device = torch.device("cpu" if tiny else "cuda")
         self.dtype = torch.bfloat16
@@ -396,6 +402,11 @@ def train_runs(ctx: Ctx) -> dict[str, tuple]:
             "sft-compile-opsac": ("sft", 8, sft_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"]),
             "sft-compile-opsac-perdoc": ("sft", 8, sft_len, budget, steps + 3,
                                          ["--compile", "--ac-scope", "ops", "--attention", "per-document"]),
+            "sft-compile-opsac-noreshard": ("sft", 8, sft_len, budget, steps + 3,
+                                            ["--compile", "--ac-scope", "ops", "--no-reshard"]),
+            "sft-compile-opsac-perdoc-noreshard": ("sft", 8, sft_len, budget, steps + 3,
+                                                   ["--compile", "--ac-scope", "ops", "--attention", "per-document",
+                                                    "--no-reshard"]),
             "redi-compile-opsac": ("redi", 4, pref_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"])}
     if tiny:  # activation checkpointing, the GPU default
         runs = {k: v[:-1] + (v[-1] + ([] if "--no-ac" in v[-1] else ["--ac"]),) for k, v in runs.items()}
@@ -524,7 +535,7 @@ def section_attention(ctx: Ctx) -> dict:
         except Exception as e:
             r[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
-    for name, b in backends.items():
+    for name, b in backends.items() if not ctx.attention_brief else ():
         if name == "math" and not ctx.tiny:
             continue
         def one(b=b):
@@ -593,6 +604,8 @@ def section_attention(ctx: Ctx) -> dict:
     except Exception as e:
         r[f"{len(docs)} documents, doc_attention (train.py --attention per-document)"] = {
             "error": f"{type(e).__name__}: {str(e)[:500]}", "trace": traceback.format_exc()[-1500:]}
+    if ctx.attention_brief:
+        return r
     try:
         from torch.nn.attention.varlen import varlen_attn
         cu = torch.tensor([0, *np.cumsum(docs)], device=dev, dtype=torch.int32)
@@ -827,7 +840,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parity", default="causal,packed,greedy", help="parity checks to run")
     p.add_argument("--train-runs", help="training runs to time, in this order (default all: sft,redi,sft-32k,"
                                         "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac,"
-                                        "sft-compile-opsac,redi-compile-opsac)")
+                                        "sft-compile-opsac,sft-compile-opsac-perdoc,sft-compile-opsac-noreshard,"
+                                        "sft-compile-opsac-perdoc-noreshard,redi-compile-opsac)")
+    p.add_argument("--attention-brief", action="store_true",
+                   help="the attention section times and checks only flex_attention and doc_attention")
     p.add_argument("--resume-runs", default=",".join(resume_runs()),
                    help="the resume section's runs, in this order (default: all)")
     p.add_argument("--profile-run", default="sft-compile-opsac", help="the training run whose last step the "
@@ -850,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown --profile-run {args.profile_run!r}; known: {', '.join(train_runs(ctx))}")
     ctx.profile_run = args.profile_run
     ctx.resume_runs = tuple(args.resume_runs.split(","))
+    ctx.attention_brief = args.attention_brief
     if set(ctx.resume_runs) - set(resume_runs()):
         p.error(f"unknown --resume-runs {args.resume_runs!r}; known: {', '.join(resume_runs())}")
     failed = 0

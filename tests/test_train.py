@@ -128,6 +128,40 @@ def test_update_does_not_depend_on_micro_batching(toy, tmp_path, sft_model, stag
     assert min(len(loader.plan(0, s)[0]) for s in range(4)) >= 4  # really several micro-batches per step
 
 
+def test_no_reshard_gathers_and_reduces_once_per_step_with_the_same_update(toy, tmp_path, monkeypatch):
+    """--no-reshard with several micro-batches per step: FSDP2 gathers each group's parameters once and reduces
+    its gradients once per step (by default: per micro-batch, the blocks' twice), and the run takes the default
+    run's steps."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+    calls = {"gathers": 0, "reduces": 0}
+    real_unshard, real_reduce = group.FSDPParamGroup._to_unsharded, group.foreach_reduce
+
+    def to_unsharded(self):
+        calls["gathers"] += not self.is_unsharded  # (one rank skips the collective, not the switch)
+        return real_unshard(self)
+
+    def reduce(*args, **kwargs):
+        calls["reduces"] += 1
+        return real_reduce(*args, **kwargs)
+    monkeypatch.setattr(group.FSDPParamGroup, "_to_unsharded", to_unsharded)
+    monkeypatch.setattr(group, "foreach_reduce", reduce)
+    default = run(toy, tmp_path / "default", "--micro-tokens", "170")
+    per_micro_batch = dict(calls)
+    calls.update(gathers=0, reduces=0)
+    once = run(toy, tmp_path / "once", "--micro-tokens", "170", "--no-reshard")
+    blocks = M.Qwen2Config.from_pretrained(toy / "base").num_hidden_layers
+    data = D.TokenData(toy / "data", "sft")
+    loader = D.Loader(data, batch_size=8, max_tokens=170, max_len=160, seed=42)
+    micro_batches = sum(len(loader.plan(0, s)[0]) for s in range(4))
+    assert micro_batches >= 4 * 4  # several per step
+    assert per_micro_batch == {"gathers": micro_batches * (2 * blocks + 1), "reduces": micro_batches * (blocks + 1)}
+    assert calls == {"gathers": 4 * (blocks + 1), "reduces": 4 * (blocks + 1)}
+    for a, b in zip(default, once):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert_same_weights(tmp_path / "default" / "final", tmp_path / "once" / "final", atol=1e-5)
+
+
 def torchrun(toy, out, *extra, stage="sft", model=None, nproc=2):
     argv = ["--stage", stage, "--model", str(model or toy / "base"), "--data", str(toy / "data"), "--out", str(out),
             "--batch-size", "8", "--max-len", "160", "--max-steps", "4", "--save-every", "0",
@@ -147,11 +181,14 @@ def torchrun(toy, out, *extra, stage="sft", model=None, nproc=2):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", ["sft", "redi"])
-def test_update_does_not_depend_on_world_size(toy, tmp_path, sft_model, stage):
+@pytest.mark.parametrize("stage, extra", [("sft", []), ("redi", []),
+                                          ("sft", ["--no-reshard", "--micro-tokens", "170"])])
+def test_update_does_not_depend_on_world_size(toy, tmp_path, sft_model, stage, extra):
+    """One rank against two (gloo); the last case with several micro-batches per step and --no-reshard on two
+    ranks, whose gradients are then reduced across ranks once per step."""
     model = None if stage == "sft" else sft_model
     one = run(toy, tmp_path / "one", stage=stage, model=model)
-    two = torchrun(toy, tmp_path / "two", stage=stage, model=model)
+    two = torchrun(toy, tmp_path / "two", *extra, stage=stage, model=model)
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
