@@ -9,7 +9,7 @@
     # order given, so a time limit cuts the last); the per-document run's compile and cuDNN graph-building
     # times are not known (a later run in the same process reuses both):
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
-        --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard \
+        --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
     PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,decode,resume --resume-runs mask \
         --out $OUT/gpu2.json
@@ -30,7 +30,7 @@ leaves what it measured:
           work only, --ac-scope mlp and ops; the last also with --attention per-document and --no-reshard):
           first-step (compile/warm-up) time, every step's time and MFU (6N + 12 L d T), tokens/s and MFU pooled
           over the steps that compiled nothing, peak memory; and the chunked head (losses.token_logprobs) alone
-          at 16k and 32k tokens;
+          at 16k and 32k tokens (with --train-runs, where it lists `head`);
   resume  train.py stopped after step 1 and resumed, each run a fresh process, against the same 3 steps run
           straight (2 blocks of the config, compiled): are the final weights the same bits?
   attention  (--attention-brief: flex_attention and doc_attention only)
@@ -407,7 +407,10 @@ def train_runs(ctx: Ctx) -> dict[str, tuple]:
             "sft-compile-opsac-perdoc-noreshard": ("sft", 8, sft_len, budget, steps + 3,
                                                    ["--compile", "--ac-scope", "ops", "--attention", "per-document",
                                                     "--no-reshard"]),
-            "redi-compile-opsac": ("redi", 4, pref_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"])}
+            "redi-compile-opsac": ("redi", 4, pref_len, budget, steps + 3, ["--compile", "--ac-scope", "ops"]),
+            "redi-compile-opsac-perdoc-noreshard": ("redi", 4, pref_len, budget, steps + 3,
+                                                    ["--compile", "--ac-scope", "ops", "--attention", "per-document",
+                                                     "--no-reshard"])}
     if tiny:  # activation checkpointing, the GPU default
         runs = {k: v[:-1] + (v[-1] + ([] if "--no-ac" in v[-1] else ["--ac"]),) for k, v in runs.items()}
     return runs
@@ -417,10 +420,10 @@ def section_train(ctx: Ctx) -> dict:
     by_name = train_runs(ctx)
     runs = [(name, *spec) for name, spec in by_name.items()]
     if ctx.train_runs is not None:  # in the order asked for: the most wanted first, before a time limit
-        unknown = set(ctx.train_runs) - set(by_name)
+        unknown = set(ctx.train_runs) - set(by_name) - {"head"}
         if unknown:
-            raise ValueError(f"unknown training runs {sorted(unknown)}; known: {', '.join(by_name)}")
-        runs = [(name, *by_name[name]) for name in ctx.train_runs]
+            raise ValueError(f"unknown training runs {sorted(unknown)}; known: {', '.join(by_name)}, head")
+        runs = [(name, *by_name[name]) for name in ctx.train_runs if name != "head"]
     r = {}
     for name, *spec in runs:
         try:
@@ -432,16 +435,17 @@ def section_train(ctx: Ctx) -> dict:
     # The paper's recipe on 8 GPUs at these rates, if its traces have these synthetic lengths (mean document
     # ~5.6k tokens) and throughput scales linearly with GPUs (FSDP2's communication is not measured here).
     sft_len, pref_len = by_name["sft"][2], by_name["redi"][2]
-    for suffix in ("", "-compile", "-compile-opsac"):
+    for suffix in ("", "-compile", "-compile-opsac", "-compile-opsac-perdoc-noreshard"):
         sft, redi = r.get("sft" + suffix, {}), r.get("redi" + suffix, {})
         if "tokens_per_s" in sft and "tokens_per_s" in redi:
             hours_sft = 77_629 * 5 * float(sft_len.sum(1).mean()) / (8 * sft["tokens_per_s"]) / 3600
             hours_redi = 53_175 * float(pref_len.sum(1).mean() + pref_len[:, 0].mean()) / (8 * redi["tokens_per_s"]) / 3600
             r["recipe_projection" + suffix] = {"sft_5_epochs_h": hours_sft, "redi_1_epoch_h": hours_redi}
-    try:
-        r["head"] = head_costs(ctx)
-    except Exception as e:
-        r["head"] = {"error": f"{type(e).__name__}: {e}"}
+    if ctx.train_runs is None or "head" in ctx.train_runs:
+        try:
+            r["head"] = head_costs(ctx)
+        except Exception as e:
+            r["head"] = {"error": f"{type(e).__name__}: {e}"}
     return r
 
 
@@ -841,7 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-runs", help="training runs to time, in this order (default all: sft,redi,sft-32k,"
                                         "sft-compile,redi-compile,sft-compile-noac,sft-compile-mlpac,"
                                         "sft-compile-opsac,sft-compile-opsac-perdoc,sft-compile-opsac-noreshard,"
-                                        "sft-compile-opsac-perdoc-noreshard,redi-compile-opsac)")
+                                        "sft-compile-opsac-perdoc-noreshard,redi-compile-opsac,"
+                                        "redi-compile-opsac-perdoc-noreshard; and head: the chunked head alone)")
     p.add_argument("--attention-brief", action="store_true",
                    help="the attention section times and checks only flex_attention and doc_attention")
     p.add_argument("--resume-runs", default=",".join(resume_runs()),

@@ -137,9 +137,9 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
     runs = [r for r in report["train"].values() if isinstance(r, dict) and "stage" in r]
-    assert len(runs) == 12 and all(r["tokens_per_s"] > 0 for r in runs)
+    assert len(runs) == 13 and all(r["tokens_per_s"] > 0 for r in runs)
     compiled = [r for name, r in report["train"].items() if "compile" in name and isinstance(r, dict) and "stage" in r]
-    assert len(compiled) == 9 and 1 in report["train"]["sft-compile"]["steps_that_compiled"]  # later runs reuse it
+    assert len(compiled) == 10 and 1 in report["train"]["sft-compile"]["steps_that_compiled"]  # later runs reuse it
     per_document = report["attention"]["3 documents, doc_attention (train.py --attention per-document)"]
     assert per_document["ok"] and per_document["same_bits_twice"]
     # compiled, stopped after step 1 and resumed in a fresh process: the straight run's bits (on CPU)
