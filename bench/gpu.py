@@ -11,7 +11,7 @@
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
         --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,decode,resume --resume-runs mask \
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,decode,resume --resume-runs defaults \
         --out $OUT/gpu2.json
     # (if the per-document runs fail at once in call 1, call 2 adds `train` with
     # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard)
@@ -32,7 +32,8 @@ leaves what it measured:
           over the steps that compiled nothing, peak memory; and the chunked head (losses.token_logprobs) alone
           at 16k and 32k tokens (with --train-runs, where it lists `head`);
   resume  train.py stopped after step 1 and resumed, each run a fresh process, against the same 3 steps run
-          straight (2 blocks of the config, compiled): are the final weights the same bits?
+          straight (2 blocks of the config; train.py's defaults, then compiled blocks, then per-document
+          attention): are the final weights the same bits?
   attention  (--attention-brief: flex_attention and doc_attention only)
           forward+backward of attention alone at 16k training shapes, for each way of computing it (SDPA
           backends, flex_attention, one SDPA call per document, model.doc_attention as train.py --attention
@@ -450,17 +451,19 @@ def section_train(ctx: Ctx) -> dict:
 
 
 def resume_runs() -> dict[str, list[str]]:
-    """The resume section's runs, by name: train.py arguments beyond the shared ones."""
+    """The resume section's runs, by name: train.py arguments beyond the shared ones. `defaults`: train.py's
+    own (blocks uncompiled and checkpointed; on GPU flex_attention and the head's softmax compiled), the
+    cheapest to compile; the others compile the blocks too."""
     ops = ["--compile", "--ac-scope", "ops"]
-    return {"mask": ops, "per-document": ops + ["--attention", "per-document"]}
+    return {"defaults": [], "compiled": ops, "compiled-perdoc": ops + ["--attention", "per-document"]}
 
 
 def section_resume(ctx: Ctx) -> dict:
     """train.py --resume as a user resumes, every run a fresh process: 3 steps straight, against 1 step
     (--stop-at 1) then --resume to 3. README promises the same bits; on GPU that holds only where every kernel
     is deterministic (PyTorch counts cuDNN attention, which --attention per-document runs, as not). The 1.5B
-    config cut to 2 blocks (a checkpoint with its optimizer state is ~4 GB instead of ~18), bf16, compiled
-    with selective checkpointing, 4k-token micro-batches."""
+    config cut to 2 blocks (a checkpoint with its optimizer state is ~4 GB instead of ~18), bf16, 4k-token
+    micro-batches."""
     config = dataclasses.replace(ctx.config, num_hidden_layers=2)
     base, data = ctx.tmp / "resume-base", ctx.tmp / "resume-data"
     for d in (base, data):

@@ -128,7 +128,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     (tmp_path / "scratch").mkdir()
     (tmp_path / "scratch" / "theirs").write_text("kept")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--out", str(out),
-                           "--tmp", str(tmp_path / "scratch"), "--resume-runs", "mask"],
+                           "--tmp", str(tmp_path / "scratch"), "--resume-runs", "defaults,compiled"],
                           capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text())["sections"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
@@ -142,10 +142,11 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert len(compiled) == 10 and 1 in report["train"]["sft-compile"]["steps_that_compiled"]  # later runs reuse it
     per_document = report["attention"]["3 documents, doc_attention (train.py --attention per-document)"]
     assert per_document["ok"] and per_document["same_bits_twice"]
-    # compiled, stopped after step 1 and resumed in a fresh process: the straight run's bits (on CPU)
-    resumed = report["resume"]["mask"]
-    assert list(report["resume"]) == ["mask", "section_s"] and resumed["same_bits"] and resumed["tensors"] == 26
-    assert resumed["losses_straight"] == resumed["losses_resumed"] and len(resumed["process_s"]) == 3
+    # stopped after step 1 and resumed in a fresh process, eager and compiled: the straight run's bits (on CPU)
+    assert list(report["resume"]) == ["defaults", "compiled", "section_s"]
+    for resumed in (report["resume"]["defaults"], report["resume"]["compiled"]):
+        assert resumed["same_bits"] and resumed["tensors"] == 26 and len(resumed["process_s"]) == 3
+        assert resumed["losses_straight"] == resumed["losses_resumed"]
     assert report["train"]["sft-compile-opsac-perdoc"]["cudnn_graphs_built_before_s"] > 0
     assert all(not set(r["steady_steps"]) & set(r["steps_that_compiled"]) for r in compiled)
     phases = report["profile"]["kernel_ms_by_phase"]  # (on CPU: operators' own time) the phases are found by name
