@@ -835,9 +835,8 @@ def section_evaluate(ctx: Ctx) -> dict:
 
 
 SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "resume": section_resume,
-            "attention": section_attention,
-            "profile": section_profile, "decode": section_decode, "sample": section_sample,
-            "evaluate": section_evaluate}
+            "attention": section_attention, "profile": section_profile, "decode": section_decode,
+            "sample": section_sample, "evaluate": section_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
