@@ -210,6 +210,16 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     return r
 
 
+def kernel_times(prof, cuda: bool) -> list[tuple[str, float]]:
+    """(name, microseconds) of each kernel a torch.profiler run recorded. On CUDA, the device's kernels;
+    record_function ranges also appear on the device timeline, as user annotations spanning their kernels,
+    and are left out. On CPU, which has no kernels, each operator's own CPU time stands for them."""
+    if cuda:
+        return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    return [(e.name, e.self_cpu_time_total) for e in prof.events()]
+
+
 def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int) -> dict:
     """Where a decode step's time goes at this batch and context, uncaptured (a profiler does not see into a
     CUDA graph's replay) but with the layers compiled: device kernels per step, their summed time and the
@@ -232,11 +242,10 @@ def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int) -> 
             list(sampler.stream(prompts, params))
             sync(device)
         by_name: dict[str, list] = {}  # kernel (operator on CPU) name: [count, microseconds]
-        for e in prof.events():  # user annotations (record_function ranges) also appear on the device timeline
-            if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda and not e.is_user_annotation:
-                by_name.setdefault(e.name, [0, 0.0])
-                by_name[e.name][0] += 1
-                by_name[e.name][1] += e.time_range.elapsed_us()
+        for name, us in kernel_times(prof, cuda):
+            by_name.setdefault(name, [0, 0.0])
+            by_name[name][0] += 1
+            by_name[name][1] += us
         seen[new] = (sampler.generated, by_name)
         del sampler
     (gen16, few), (gen48, many) = seen[16], seen[48]

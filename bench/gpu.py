@@ -680,13 +680,11 @@ def section_profile(ctx: Ctx) -> dict:
     prof = profile(activities=acts)
     stage, batch, lengths, budget, _, extra = train_runs(ctx)[name]
     run = train_run(ctx, f"profile-{name}", stage, batch, lengths, budget, 4, extra, profiler=prof)
-    if ctx.device.type == "cuda":  # each kernel, and each operator's own kernels (those it launched itself);
-        # record_function ranges also appear on the device timeline, as user annotations spanning their kernels
-        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    cuda = ctx.device.type == "cuda"
+    kernels = bench_sample.kernel_times(prof, cuda)
+    if cuda:  # each operator's own kernels (those it launched itself)
         owned = [(e, sum(k.duration for k in e.kernels)) for e in prof.events() if e.kernels]
     else:  # the CPU smoke test: each operator's own CPU time stands for kernels
-        kernels = [(e.name, e.self_cpu_time_total) for e in prof.events()]
         owned = [(e, e.self_cpu_time_total) for e in prof.events()]
     kernel_ms = sum(us for _, us in kernels) / 1e3
     kinds: dict[str, float] = {}
