@@ -15,6 +15,7 @@ the mean context) over the device's measured copy bandwidth, as generated tokens
 """
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from torch.nn.attention import sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -117,16 +119,17 @@ def setup(config, device, dtype, tmp: Path):
     return ours, hf
 
 
-def decode_rate_hf(hf, prompts, new: int, device, **sampling) -> float:
+def decode_rate_hf(hf, prompts, new: int, device, sdpa_backends=None, **sampling) -> float:
     """transformers' decode tokens/s: generate(new + 1) minus generate(1) (prefill and first token), over the
-    B * new tokens decoded in between."""
+    B * new tokens decoded in between. sdpa_backends: the SDPA kernels it may use (default: torch's choice)."""
     ids = torch.tensor(prompts, device=device)
     kw = dict(attention_mask=torch.ones_like(ids), pad_token_id=0, **sampling)
-    t_one = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device, 1)
-    sync(device)
-    t = time.perf_counter()
-    hf.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kw)
-    sync(device)
+    with sdpa_kernel(sdpa_backends) if sdpa_backends else contextlib.nullcontext():
+        t_one = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device, 1)
+        sync(device)
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kw)
+        sync(device)
     return len(prompts) * new / (time.perf_counter() - t - t_one)
 
 
@@ -220,12 +223,13 @@ def kernel_times(prof, cuda: bool) -> list[tuple[str, float]]:
     return [(e.name, e.self_cpu_time_total) for e in prof.events()]
 
 
-def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int) -> dict:
-    """Where a decode step's time goes at this batch and context, uncaptured (a profiler does not see into a
-    CUDA graph's replay) but with the layers compiled: device kernels per step, their summed time and the
-    top ones, from the difference of two profiled runs of 16 and 48 new tokens, so the prompts' prefill
-    cancels. Set beside the captured step's time, it tells launch gaps from slow kernels. On CPU it counts
-    operator events instead."""
+def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int, captured: bool = False) -> dict:
+    """Where a decode step's time goes at this batch and context, with the layers compiled: device kernels per
+    step, their summed time and the top ones, from the difference of two profiled runs of 16 and 48 new
+    tokens, so the prompts' prefill cancels. captured (GPU): the steps replayed from CUDA graphs, as the
+    sampler runs them, captured before profiling starts (the profiler records a replay's kernels through
+    CUPTI; the report says so if it saw fewer than two per layer); else launched one by one. Set beside the captured step's wall time,
+    the kernel time tells launch gaps from slow kernels. On CPU it counts operator events instead."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     prompts = [list(range(10 + b, 10 + b + prompt_len)) for b in range(batch)]
@@ -233,10 +237,10 @@ def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int) -> 
     kv_gib = batch * (prompt_len + 48 + 2 * 128) * per_token / 2**30  # each row, its growth and two partial blocks
     seen = {}
     for new in (16, 48):
-        sampler = S.Sampler(model, max_slots=batch, cuda_graphs=False, compile=True, sync_every=1,
+        sampler = S.Sampler(model, max_slots=batch, cuda_graphs=captured, compile=True, sync_every=1,
                             kv_gib=kv_gib)
         params = S.SamplingParams(new, **sampling)
-        list(sampler.stream(prompts, params))  # warm-up: compiles what it needs
+        list(sampler.stream(prompts, params))  # warm-up: compiles and captures what it needs
         sampler.generated = 0
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             list(sampler.stream(prompts, params))
@@ -255,9 +259,13 @@ def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int) -> 
     per_step = {k: [(n - few.get(k, [0, 0.0])[0]) / steps, (us - few.get(k, [0, 0.0])[1]) / steps]
                 for k, (n, us) in many.items()}
     top = sorted(per_step.items(), key=lambda kv: kv[1][1], reverse=True)[:15]
-    return {"steps": steps, "events_per_step": sum(n for n, _ in per_step.values()),
-            "event_ms_per_step": sum(us for _, us in per_step.values()) / 1e3,
-            "top_per_step": [{"name": k[:90], "calls": n, "us": us} for k, (n, us) in top]}
+    r = {"steps": steps, "events_per_step": sum(n for n, _ in per_step.values()),
+         "event_ms_per_step": sum(us for _, us in per_step.values()) / 1e3,
+         "top_per_step": [{"name": k[:90], "calls": n, "us": us} for k, (n, us) in top]}
+    if r["events_per_step"] < 2 * model.config.num_hidden_layers:  # a step runs several kernels per layer
+        r["note"] = (f"the profiler saw {r['events_per_step']:.1f} kernels per decode step, not each of them"
+                     + (" (CUDA graph replays)" if captured else ""))
+    return r
 
 
 def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
@@ -273,7 +281,9 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
              else [(1, 1000, 128), (64, 8000, 64), (256, 8000, 32)])  # (batch, prompt tokens, new tokens)
     cases.insert(1, cases[0] + ({"compile": False},))  # batch 1 again, the layers uncompiled: what compiling gives
     r = {"copy_gb_s": bw / 1e9}
-    hf_rate, step_s = {}, {}  # step_s: seconds per captured decode step, by batch
+    # transformers as torch picks its attention (cuDNN first on Hopper with torch 2.11, which builds a new
+    # graph whenever the key length changes: at every decode step), and without cuDNN (model.py's choice)
+    hf_rate, hf_no_cudnn, step_s = {}, {}, {}  # step_s: seconds per captured decode step, by batch
     mode = {"kv_gib": 0.05, "compile": True} if tiny else {}  # tiny (CPU): the GPU default, compiled layers
     # on a first GPU run, what fails is recorded and the case measured again without it: the compiled layers
     # first, then CUDA graphs
@@ -286,6 +296,9 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             hf_B = min(B, 64)  # transformers runs a batch of 256 x 8k as 4 batches of 64 (fits in memory)
             if hf_B not in hf_rate:
                 hf_rate[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, do_sample=True, top_k=0, **sampling)
+                if device.type == "cuda":
+                    hf_no_cudnn[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, M._CUDA_SDPA_BACKENDS,
+                                                       do_sample=True, top_k=0, **sampling)
             while True:
                 try:
                     ours_tps, capture_s = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
@@ -304,11 +317,17 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
                        "transformers_tok_s": hf_rate[hf_B], "transformers_batch": hf_B, "ours_tok_s": ours_tps,
                        "speedup": ours_tps / hf_rate[hf_B], "roofline_tok_s": roof, "of_roofline": ours_tps / roof,
                        "capture_s_excluded": capture_s}
+            no_cudnn = ""
+            if hf_B in hf_no_cudnn:
+                r[name] |= {"transformers_no_cudnn_tok_s": hf_no_cudnn[hf_B],
+                            "speedup_vs_no_cudnn": ours_tps / hf_no_cudnn[hf_B]}
+                no_cudnn = f", without cuDNN attention {hf_no_cudnn[hf_B]:,.0f} tok/s"
             if not extra:
                 step_s[B] = B / ours_tps
-            print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s | ours {ours_tps:,.0f} tok/s "
-                  f"({ours_tps / hf_rate[hf_B]:.2f}x) | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%)",
-                  flush=True)
+            print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s{no_cudnn} | ours "
+                  f"{ours_tps:,.0f} tok/s ({ours_tps / hf_rate[hf_B]:.2f}x"
+                  + (f", {ours_tps / hf_no_cudnn[hf_B]:.2f}x" if no_cudnn else "")
+                  + f") | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%)", flush=True)
         except Exception as e:  # an out-of-memory error at one size should not hide the others
             r[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  {name}: {r[name]['error']}", flush=True)
@@ -316,19 +335,25 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             torch.cuda.empty_cache()
         if progress is not None:
             progress(r)
-    for B, prompt_len, _ in [cases[0], cases[2]]:  # batch 1 and the first large batch
-        try:
-            anatomy = step_anatomy(ours, device, sampling, B, prompt_len)
-            if B in step_s:
-                anatomy["captured_step_ms"] = 1e3 * step_s[B]  # the same step in a CUDA graph (GPU), from its case
-        except Exception as e:
-            anatomy = {"error": f"{type(e).__name__}: {e}"}
-        r[f"step anatomy, batch {B}, uncaptured"] = anatomy
-        print(f"  step anatomy, batch {B}, uncaptured: {json.dumps(anatomy)}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if progress is not None:
-            progress(r)
+    # batch 1 and the first large batch, replayed from CUDA graphs as the sampler runs them (GPU); launched one
+    # by one on CPU, or where the replays' profile failed or showed no kernels
+    for B, prompt_len, _ in [cases[0], cases[2]]:
+        for captured in (True, False) if device.type == "cuda" else (False,):
+            name = f"step anatomy, batch {B}, {'captured' if captured else 'uncaptured'}"
+            try:
+                anatomy = step_anatomy(ours, device, sampling, B, prompt_len, captured)
+                if B in step_s:
+                    anatomy["captured_step_ms"] = 1e3 * step_s[B]  # the same step in a CUDA graph, from its case
+            except Exception as e:
+                anatomy = {"error": f"{type(e).__name__}: {e}"}
+            r[name] = anatomy
+            print(f"  {name}: {json.dumps(anatomy)}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if progress is not None:
+                progress(r)
+            if "error" not in anatomy and "note" not in anatomy:
+                break
     try:
         r["long tail"] = long_tail(ours, device, tiny, step_s.get(1), mode)
     except Exception as e:

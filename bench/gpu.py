@@ -11,7 +11,7 @@
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
         --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,decode,resume --resume-runs defaults \
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,resume,decode --resume-runs defaults \
         --out $OUT/gpu2.json
     # (if the per-document runs fail at once in call 1, call 2 adds `train` with
     # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard)
@@ -44,8 +44,12 @@ leaves what it measured:
           by kind and by phase (compiled blocks forward and backward, chunked head, optimizer, FSDP2), and the
           share of the step's wall time the device was busy;
   decode  one layer's decode attention alone over a paged pool, for ways of launching flex_attention's
-          decoding kernel (SPLIT_KV, pipelining, warps): microseconds and bandwidth share;
-  sample  sample.py against transformers' generate and the HBM roofline (bench/bench_sample.py's cases);
+          decoding kernel (SPLIT_KV, pipelining, warps): microseconds (replayed from a CUDA graph, as the
+          sampler runs it, and called from Python) and bandwidth share; and a step's matmuls alone, with q/k/v
+          and gate/up as separate and as fused GEMMs;
+  sample  sample.py against transformers' generate (as torch picks its attention, and without cuDNN, which
+          torch 2.11 picks on Hopper and which builds a graph at every decode step) and the HBM roofline, and
+          the kernels of a captured decode step (bench/bench_sample.py's cases);
   evaluate  evaluate.py end to end on two bundled benchmarks (short generations), then rerun: it must resume
           with nothing to sample and write the same results.
 """
@@ -143,6 +147,19 @@ def timed(ctx: Ctx, fn, repeats: int = 3) -> float:
         ctx.sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def graph_timed(ctx: Ctx, fn, calls: int = 20) -> float:
+    """Seconds per call of fn() as a decoding step runs it on GPU: `calls` calls captured in one CUDA graph,
+    replayed (after one call outside the capture, which compiles and warms up). On CPU, timed()."""
+    if ctx.device.type != "cuda":
+        return timed(ctx, fn, calls)
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(ctx, graph.replay, 5) / calls
 
 
 # -----------------------------------------------------------------------------
@@ -732,9 +749,11 @@ def section_decode(ctx: Ctx) -> dict:
     (model.decode_split_kv), and with it 3 pipelining stages with 2 or 4 warps; the one the sampler uses
     (model.decode_kernel_options) is marked. Each variant is checked against an fp32 reference on each row's
     gathered keys, and timed as microseconds per call and the share of the measured copy bandwidth its KV
-    reads reach (the sampler's step does this once per layer). The H100 runs of 2026-11-26 also timed the
-    mask's old layout (every whole block listed as full): 1.1-1.5x slower at batch 1 and 64, the same at 256;
-    dropped since."""
+    reads reach (the sampler's step does this once per layer). On GPU `us` is a call replayed from a CUDA
+    graph, as in the sampler (20 calls per graph), and `us_launched` a call from Python, through the compiled
+    function's guards, with a synchronization: at batch 1 mostly host time. The H100 runs of 2026-11-26 timed
+    only the latter, and also the mask's old layout (every whole block listed as full): 1.1-1.5x slower at
+    batch 1 and 64, the same at 256; dropped since."""
     c, dev = ctx.config, ctx.device
     H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     bs = 32 if ctx.tiny else 128  # the sampler's block sizes on CPU and GPU
@@ -785,14 +804,53 @@ def section_decode(ctx: Ctx) -> dict:
                 fn = torch.compile(M._flex_decode, dynamic=False) if dev.type == "cuda" else M._flex_decode
                 got = fn(q, k, v, mask, options)
                 err = float((got.float() - want).abs().max())
-                s = timed(ctx, lambda: fn(q, k, v, mask, options), 20)
-                case[name] = {"us": 1e6 * s, "of_copy_bandwidth": kv_bytes / s / bw, "max_err_vs_fp32": err,
-                              "ok": err <= 4 * bf16_err + 1e-4}
+                launched = timed(ctx, lambda: fn(q, k, v, mask, options), 20)
+                s = graph_timed(ctx, lambda: fn(q, k, v, mask, options))
+                case[name] = {"us": 1e6 * s, "us_launched": 1e6 * launched, "of_copy_bandwidth": kv_bytes / s / bw,
+                              "max_err_vs_fp32": err, "ok": err <= 4 * bf16_err + 1e-4}
             except Exception as e:
                 case[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"    {B} x {n}, {name}: {json.dumps(case[name])}", flush=True)
         r[f"batch {B}, {n} positions"] = case
         ctx.write("decode", r)
+    try:
+        r["gemms"] = decode_gemms(ctx, bw)
+    except Exception as e:
+        r["gemms"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return r
+
+
+def decode_gemms(ctx: Ctx, bw: float) -> dict:
+    """A decoding step's matmuls alone, at the rows of a decode step (1, 64, 256; tiny: 1, 4), bf16, replayed
+    from a CUDA graph: microseconds and the share of the copy bandwidth their weight reads reach. Also q, k, v
+    as one GEMM and gate, up as one, against the separate GEMMs the model runs: what fusing them would save
+    (fewer, larger reads; the batch-1 roofline counts each weight byte once)."""
+    c, dev = ctx.config, ctx.device
+    d, f = c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    groups = {  # name: the (out, in, bias) GEMMs it runs one after the other
+        "q, k, v (3 GEMMs)": [(q, d, True), (kv, d, True), (kv, d, True)],
+        "q, k, v fused (1 GEMM)": [(q + 2 * kv, d, True)],
+        "o_proj": [(d, q, False)],
+        "gate, up (2 GEMMs)": [(f, d, False), (f, d, False)],
+        "gate, up fused (1 GEMM)": [(2 * f, d, False)],
+        "down_proj": [(d, f, False)],
+        "head": [(c.vocab_size, d, False)],
+    }
+    g = torch.Generator(device=dev).manual_seed(0)
+    r = {}
+    for rows in (1, 4) if ctx.tiny else (1, 64, 256):
+        case = {}
+        for name, shapes in groups.items():
+            ws = [(torch.randn(o, i, device=dev, generator=g, dtype=ctx.dtype),
+                   torch.randn(o, device=dev, generator=g, dtype=ctx.dtype) if bias else None) for o, i, bias in shapes]
+            xs = [torch.randn(rows, i, device=dev, generator=g, dtype=ctx.dtype) for _, i, _ in shapes]
+            s = graph_timed(ctx, lambda: [F.linear(x, w, b) for x, (w, b) in zip(xs, ws)])
+            weight_bytes = sum(w.numel() * w.element_size() for w, _ in ws)
+            case[name] = {"us": 1e6 * s, "of_copy_bandwidth": weight_bytes / s / bw}
+        r[f"{rows} rows"] = case
+        print(f"    GEMMs at {rows} rows: " + ", ".join(f"{k} {v['us']:.1f} us ({100 * v['of_copy_bandwidth']:.0f}%)"
+                                                    for k, v in case.items()), flush=True)
     return r
 
 

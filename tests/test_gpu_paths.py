@@ -159,10 +159,14 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
     anatomy = sample["step anatomy, batch 1, uncaptured"]
     assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0 and anatomy["top_per_step"]
+    assert "note" not in anatomy
     assert sample["step anatomy, batch 8, uncaptured"]["steps"] == 32
     ev = report["evaluate"]
     assert ev["generations"] == ev["expected_generations"] == 8 and ev["rerun_identical"]
-    cases = [case for case in report["decode"].values() if isinstance(case, dict)]
+    cases = [case for name, case in report["decode"].items() if isinstance(case, dict) and name != "gemms"]
     variants = [v for case in cases for v in case.values()]
     assert len(variants) == 4 + 4 and all(v["ok"] for v in variants)  # two cases, four launch options each
+    gemms = report["decode"]["gemms"]
+    assert list(gemms) == ["1 rows", "4 rows"] and all(len(g) == 7 for g in gemms.values())
+    assert all(v["us"] > 0 for g in gemms.values() for v in g.values())
     assert all(sum("(the sampler's)" in name for name in case) == 1 for case in cases)
