@@ -89,7 +89,7 @@ MAX_ROOT_BITS = 1_100  # sympy factors the base of a non-integer power: keep it 
 MAX_EXPONENT = 10**6  # integer exponent on a symbolic or irrational base
 MAX_SUM_TERMS = 5_000  # terms of \\sum/\\prod evaluated in one verification (all sums and points together)
 NUM_DPS = 60  # digits for numeric comparisons
-MEMORY_LIMIT = 4 << 30  # address-space cap for worker and child processes
+MEMORY_LIMIT = 4 << 30  # address space a worker or child process may add to what it inherits
 
 
 class _ParseError(Exception):
@@ -2295,11 +2295,26 @@ def _symbolic_eq(a: sympy.Expr, g: sympy.Expr) -> bool:
     return _in_child(_simplifies_to_zero, diff, remaining)
 
 
+def _address_space() -> int:
+    """Bytes of address space this process holds (Linux's VmSize; 0 where /proc does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0
+
+
 def _limit_memory() -> None:
+    """Cap a forked worker's address space at MEMORY_LIMIT above what it inherited. The cap counts from the
+    parent's size, not from zero: a process that has imported torch 2.11's CUDA build holds 3.1 GB of address
+    space before it allocates anything (CUDA's initialization reserves more), and a fixed 4 GiB cap below what
+    the child inherits makes its allocations fail: answers needing the symbolic stage were graded wrong
+    without a word (tests: a parent holding 16 GiB)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        cap = MEMORY_LIMIT if hard == resource.RLIM_INFINITY else min(MEMORY_LIMIT, hard)
+        cap = _address_space() + MEMORY_LIMIT
+        cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     except (ImportError, ValueError, OSError):
         pass

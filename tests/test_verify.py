@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -223,6 +224,37 @@ def test_symbolic_stage_runs_in_a_child():
     with verify._Budget(5.0):
         assert verify._symbolic_eq(a, g) is True
         assert verify._symbolic_eq(a, g + 1) is False
+
+
+def test_grading_in_a_process_holding_a_large_address_space():
+    """A process that has used a GPU holds tens of GB of address space (reserved by the CUDA driver, unused);
+    its forked workers and children must grade as any other process does. They did not while their memory
+    cap was a fixed 4 GiB of address space: below what they inherit, every allocation failed and answers
+    needing the symbolic stage came back wrong. Here 16 GiB of address space is reserved, never touched."""
+    pairs = [(c["response"], c["gold"]) for c in CASES if c["category"] in ("radical", "equation", "fraction")
+             and "known_miss" not in c]
+    assert len(pairs) >= 20
+    want = verify.grade_batch(pairs, workers=2).correct
+    reserved = mmap.mmap(-1, 16 << 30, flags=mmap.MAP_PRIVATE, prot=0)  # PROT_NONE: address space only
+    try:
+        assert verify.grade_batch(pairs, workers=2).correct == want
+        a, g = verify._read("x^2 + 2x + 1").plain, verify._read("(x+1)^2").plain
+        with verify._Budget(5.0):
+            assert verify._symbolic_eq(a, g) is True
+    finally:
+        reserved.close()
+
+
+def test_a_child_may_add_only_memory_limit_to_what_it_inherits(monkeypatch):
+    """The cap still stops a runaway computation: a child allocating more than MEMORY_LIMIT above its
+    inherited address space fails (and grades False), one allocating less succeeds."""
+    monkeypatch.setattr(verify, "MEMORY_LIMIT", 256 << 20)
+
+    def allocate(n_bytes):
+        return len(bytearray(n_bytes)) == n_bytes
+
+    assert verify._in_child(allocate, 32 << 20, 10.0) is True
+    assert verify._in_child(allocate, 512 << 20, 10.0) is False
 
 
 def test_grade_batch_matches_grade_and_replaces_hung_workers(monkeypatch):
