@@ -11,7 +11,7 @@
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
         --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,resume,decode --resume-runs defaults \
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,resume,decode --resume-runs defaults \
         --out $OUT/gpu2.json
     # (if the per-document runs fail at once in call 1, call 2 adds `train` with
     # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard)
@@ -50,6 +50,8 @@ leaves what it measured:
   sample  sample.py against transformers' generate (as torch picks its attention, and without cuDNN, which
           torch 2.11 picks on Hopper and which builds a graph at every decode step) and the HBM roofline, and
           the kernels of a captured decode step (bench/bench_sample.py's cases);
+  grade   verify.py's labelled cases graded by grade_batch's workers forked from this process after it has
+          used the device, as evaluate.py grades: every verdict must be the label;
   evaluate  evaluate.py end to end on two bundled benchmarks (short generations), then rerun: it must resume
           with nothing to sample and write the same results.
 """
@@ -890,9 +892,27 @@ def section_evaluate(ctx: Ctx) -> dict:
             "pass@1": {name: m["pass@1"] for name, m in results["benchmarks"].items()}}
 
 
+def section_grade(ctx: Ctx) -> dict:
+    """verify.py's labelled cases (tests/verify_cases.jsonl, known misses left out) graded by grade_batch's
+    forked workers from this process, after it has used the device, as evaluate.py grades after sampling: a
+    process that has used a GPU holds far more address space than a CPU one, and until 2026-11-26 the
+    workers' memory cap, a fixed 4 GiB of address space, sat below what they inherited and failed their
+    allocations. Every verdict must be the label."""
+    import verify
+    if ctx.device.type == "cuda":
+        torch.ones(1, device=ctx.device).sum().item()  # (the sample section has usually run already)
+    cases = [json.loads(line) for line in (ROOT / "tests" / "verify_cases.jsonl").read_text().splitlines()]
+    cases = [c for c in cases if "known_miss" not in c]
+    t = time.perf_counter()
+    got = verify.grade_batch([(c["response"], c["gold"]) for c in cases]).correct
+    wrong = [c["category"] for c, ok in zip(cases, got) if ok != c["expected"]]
+    return {"address_space_gib": verify._address_space() / 2**30, "cases": len(cases), "as_labelled": not wrong,
+            "not_as_labelled": wrong[:20], "grade_s": time.perf_counter() - t}
+
+
 SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "resume": section_resume,
             "attention": section_attention, "profile": section_profile, "decode": section_decode,
-            "sample": section_sample, "evaluate": section_evaluate}
+            "sample": section_sample, "grade": section_grade, "evaluate": section_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,9 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     report = json.loads(out.read_text())["sections"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["theirs"]
-    assert set(report) == {"env", "parity", "train", "resume", "attention", "profile", "decode", "sample", "evaluate"}
+    assert set(report) == {"env", "parity", "train", "resume", "attention", "profile", "decode", "sample", "grade",
+                           "evaluate"}
+    assert report["grade"]["as_labelled"] and report["grade"]["cases"] > 400
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
     runs = [r for r in report["train"].values() if isinstance(r, dict) and "stage" in r]
