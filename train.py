@@ -164,20 +164,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup_distributed() -> tuple[int, int, torch.device]:
     """torchrun's process group (NCCL on GPU, gloo on CPU); a one-process group when run without torchrun, so
-    a single process goes through the same FSDP2 code path."""
+    a single process goes through the same FSDP2 code path. On GPU the group is bound to the rank's device
+    (device_id): unbound, NCCL guesses a collective's device from the global rank, which it warns can hang
+    where ranks do not map to devices that way."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     backend, timeout = "nccl" if cuda else "gloo", datetime.timedelta(minutes=30)
+    bound = {"device_id": device} if cuda else {}
     if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **bound)
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                timeout=timeout)
+                                timeout=timeout, **bound)
     return dist.get_rank(), dist.get_world_size(), device
 
 

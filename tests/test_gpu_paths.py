@@ -1,5 +1,6 @@
 """What of the GPU code paths can run on a CPU: the compiled flex_attention document mask, FSDP2's mixed
-precision keeping RoPE in fp32, and the one prepared device check (bench/gpu.py) on a tiny config."""
+precision keeping RoPE in fp32, the NCCL group's device, and the one prepared device check (bench/gpu.py) on a
+tiny config."""
 
 import json
 import subprocess
@@ -28,6 +29,22 @@ def test_compiled_flex_document_mask_matches_the_dense_reference():
     got = M._compiled_flex_attention()(q, k, v, block_mask=flex.block, enable_gqa=True)
     want = M.attend(q, k, v, M.build_mask(pos, None, use_flex=False))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_nccl_group_is_bound_to_the_rank_device(monkeypatch):
+    """On GPU, torchrun's process group is bound to LOCAL_RANK's device: unbound, NCCL guesses a collective's
+    device from the global rank (rank 11 of two 8-GPU nodes is not device 11). CUDA and the group stubbed."""
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.setdefault("current", device))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.setdefault("group", (backend, kw)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 11)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 16)
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert T.setup_distributed() == (11, 16, torch.device("cuda", 3))
+    assert seen["current"] == torch.device("cuda", 3)
+    assert seen["group"][0] == "nccl" and seen["group"][1]["device_id"] == torch.device("cuda", 3)
 
 
 def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
