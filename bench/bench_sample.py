@@ -228,8 +228,9 @@ def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int, cap
     step, their summed time and the top ones, from the difference of two profiled runs of 16 and 48 new
     tokens, so the prompts' prefill cancels. captured (GPU): the steps replayed from CUDA graphs, as the
     sampler runs them, captured before profiling starts (the profiler records a replay's kernels through
-    CUPTI; the report says so if it saw fewer than two per layer); else launched one by one. Set beside the captured step's wall time,
-    the kernel time tells launch gaps from slow kernels. On CPU it counts operator events instead."""
+    CUPTI; the report says so if it saw fewer than two per layer); else launched one by one. Set beside the
+    captured step's wall time, the kernel time tells launch gaps from slow kernels. On CPU it counts operator
+    events instead."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     prompts = [list(range(10 + b, 10 + b + prompt_len)) for b in range(batch)]
@@ -271,8 +272,9 @@ def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int, cap
 def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
     """The GPU cases (bench/gpu.py's sampler section), decode throughput at the evaluation's sampling settings
     (temperature 0.6, top-p 0.95) against transformers' generate and the HBM roofline: batch 1 with a
-    1k-token prompt, batch 64 and 256 at ~8k context; then the long-tail workload. tiny: the same, scaled
-    down for a CPU smoke test. progress: called with the results so far after each case."""
+    1k-token prompt, batch 64 and 256 at ~8k context; then the long-tail workload; then the kernels of a
+    decode step at batch 1 and 64 (step_anatomy). tiny: the same, scaled down for a CPU smoke test.
+    progress: called with the results so far after each case."""
     g = torch.Generator().manual_seed(0)
     bw = bandwidth(device)
     V = ours.config.vocab_size
@@ -297,8 +299,12 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             if hf_B not in hf_rate:
                 hf_rate[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, do_sample=True, top_k=0, **sampling)
                 if device.type == "cuda":
-                    hf_no_cudnn[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, M._CUDA_SDPA_BACKENDS,
-                                                       do_sample=True, top_k=0, **sampling)
+                    try:  # (its failure must not hide ours)
+                        hf_no_cudnn[hf_B] = decode_rate_hf(hf, prompts[:hf_B], new, device, M._CUDA_SDPA_BACKENDS,
+                                                           do_sample=True, top_k=0, **sampling)
+                    except Exception as e:
+                        r.setdefault("transformers_no_cudnn_errors", []).append(f"{type(e).__name__}: {str(e)[:500]}")
+                        torch.cuda.empty_cache()
             while True:
                 try:
                     ours_tps, capture_s = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
@@ -335,8 +341,16 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             torch.cuda.empty_cache()
         if progress is not None:
             progress(r)
-    # batch 1 and the first large batch, replayed from CUDA graphs as the sampler runs them (GPU); launched one
-    # by one on CPU, or where the replays' profile failed or showed no kernels
+    try:
+        r["long tail"] = long_tail(ours, device, tiny, step_s.get(1), mode)
+    except Exception as e:
+        r["long tail"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"  long tail: {r['long tail']['error']}", flush=True)
+    if progress is not None:
+        progress(r)
+    # after the long tail (a crash of the profiler must not cost it): batch 1 and the first large batch,
+    # replayed from CUDA graphs as the sampler runs them (GPU); launched one by one on CPU, or where the
+    # replays' profile failed or showed no kernels
     for B, prompt_len, _ in [cases[0], cases[2]]:
         for captured in (True, False) if device.type == "cuda" else (False,):
             name = f"step anatomy, batch {B}, {'captured' if captured else 'uncaptured'}"
@@ -354,11 +368,6 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
                 progress(r)
             if "error" not in anatomy and "note" not in anatomy:
                 break
-    try:
-        r["long tail"] = long_tail(ours, device, tiny, step_s.get(1), mode)
-    except Exception as e:
-        r["long tail"] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"  long tail: {r['long tail']['error']}", flush=True)
     return r
 
 
