@@ -3,7 +3,8 @@
     python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
     python bench/gpu.py --sections parity,train                      # a subset
     # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26): the first compile of
-    # --ac-scope ops 239-260 s, sample 251 s, decode 23 s, attention 115 s (60 s of it autotuning, dropped
+    # --ac-scope ops 239-260 s, sample 251 s (before transformers was also timed without cuDNN), decode 23 s
+    # (three batch sizes, before the CUDA-graph timings), attention 115 s (60 s of it autotuning, dropped
     # since), evaluate 24 s, parity greedy 96 s. The next session's two calls, the second at once (a machine
     # idle for 30 s is given back), each ordered by what its issue needs most (sections and runs go in the
     # order given, so a time limit cuts the last); the per-document run's compile and cuDNN graph-building
@@ -11,7 +12,7 @@
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
         --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,resume,decode --resume-runs defaults \
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,resume --resume-runs defaults \
         --out $OUT/gpu2.json
     # (if the per-document runs fail at once in call 1, call 2 adds `train` with
     # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard)
@@ -45,8 +46,8 @@ leaves what it measured:
           share of the step's wall time the device was busy;
   decode  one layer's decode attention alone over a paged pool, for ways of launching flex_attention's
           decoding kernel (SPLIT_KV, pipelining, warps): microseconds (replayed from a CUDA graph, as the
-          sampler runs it, and called from Python) and bandwidth share; and a step's matmuls alone, with q/k/v
-          and gate/up as separate and as fused GEMMs;
+          sampler runs it, and called from Python) and bandwidth share; a step's matmuls alone, with q/k/v
+          and gate/up as separate and as fused GEMMs; and the draw alone (exponential race and top-p);
   sample  sample.py against transformers' generate (as torch picks its attention, and without cuDNN, which
           torch 2.11 picks on Hopper and which builds a graph at every decode step) and the HBM roofline, and
           the kernels of a captured decode step (bench/bench_sample.py's cases);
@@ -815,10 +816,39 @@ def section_decode(ctx: Ctx) -> dict:
             print(f"    {B} x {n}, {name}: {json.dumps(case[name])}", flush=True)
         r[f"batch {B}, {n} positions"] = case
         ctx.write("decode", r)
-    try:
-        r["gemms"] = decode_gemms(ctx, bw)
-    except Exception as e:
-        r["gemms"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    for name, part in (("gemms", decode_gemms), ("draw", decode_draw)):
+        try:
+            r[name] = part(ctx, bw)
+        except Exception as e:
+            r[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        ctx.write("decode", r)
+    return r
+
+
+def decode_draw(ctx: Ctx, bw: float) -> dict:
+    """The draw alone (sample.draw, compiled as the sampler runs it: the exponential race and top-p's radix
+    select, whose histograms are scatter-adds), temperature 0.6 and top-p 0.95 over the real vocabulary, at the
+    rows of a decode step (1, 64, 256; tiny: 1, 4), replayed from a CUDA graph: microseconds, and the share of
+    the copy bandwidth that one read of its bf16 logits would reach. Logits of two shapes: peaked (a few
+    tokens 15 above a N(0, 4) tail, as a confident model's) and flat (N(0, 1): a nucleus of most of the
+    vocabulary), since the histograms' atomic adds contend on the buckets the tail's probabilities share."""
+    V = ctx.config.vocab_size
+    params = S.SamplingParams(1, temperature=0.6, top_p=0.95)
+    fn = S._compiled_draw() if ctx.device.type == "cuda" else S.draw
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    r = {}
+    for rows in (1, 4) if ctx.tiny else (1, 64, 256):
+        keys = torch.arange(rows, device=ctx.device)
+        for shape in ("peaked", "flat"):
+            logits = torch.randn(rows, V, device=ctx.device, generator=g)
+            if shape == "peaked":
+                logits = 2 * logits
+                logits[:, :5] += 15
+            logits = logits.to(ctx.dtype)
+            s = graph_timed(ctx, lambda: fn(logits, params, keys, keys, keys))
+            r[f"{rows} rows, {shape}"] = {"us": 1e6 * s, "of_copy_bandwidth": logits.nbytes / s / bw}
+        print(f"    draw at {rows} rows: " + ", ".join(f"{shape} {r[f'{rows} rows, {shape}']['us']:.0f} us"
+                                                  for shape in ("peaked", "flat")), flush=True)
     return r
 
 

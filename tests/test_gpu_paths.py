@@ -182,10 +182,13 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert sample["step anatomy, batch 8, uncaptured"]["steps"] == 32
     ev = report["evaluate"]
     assert ev["generations"] == ev["expected_generations"] == 8 and ev["rerun_identical"]
-    cases = [case for name, case in report["decode"].items() if isinstance(case, dict) and name != "gemms"]
+    cases = [case for name, case in report["decode"].items()
+             if isinstance(case, dict) and name not in ("gemms", "draw")]
     variants = [v for case in cases for v in case.values()]
     assert len(variants) == 4 + 4 and all(v["ok"] for v in variants)  # two cases, four launch options each
     gemms = report["decode"]["gemms"]
     assert list(gemms) == ["1 rows", "4 rows"] and all(len(g) == 7 for g in gemms.values())
     assert all(v["us"] > 0 for g in gemms.values() for v in g.values())
+    assert list(report["decode"]["draw"]) == ["1 rows, peaked", "1 rows, flat", "4 rows, peaked", "4 rows, flat"]
+    assert all(v["us"] > 0 for v in report["decode"]["draw"].values())
     assert all(sum("(the sampler's)" in name for name in case) == 1 for case in cases)

@@ -21,7 +21,7 @@ def test_model_init_writes_a_loadable_random_checkpoint(tmp_path):
     assert model.num_parameters() == M.build_model(config, device="meta").num_parameters()
     assert model.model.norm.weight.abs().sum() > 0 and model.lm_head.weight.std() > 0.01  # initialized
     assert (tmp_path / "base" / "tokenizer.json").read_text() == "{}"
-    with pytest.raises(SystemExit, match="nowhere: not a checkpoint directory \(no such path\)"):
+    with pytest.raises(SystemExit, match=r"nowhere: not a checkpoint directory \(no such path\)"):
         M.main(["init", "--config", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
 
 
