@@ -283,8 +283,8 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
              else [(1, 1000, 128), (64, 8000, 64), (256, 8000, 32)])  # (batch, prompt tokens, new tokens)
     cases.insert(1, cases[0] + ({"compile": False},))  # batch 1 again, the layers uncompiled: what compiling gives
     r = {"copy_gb_s": bw / 1e9}
-    # transformers as torch picks its attention (cuDNN first on Hopper with torch 2.11, which builds a new
-    # graph whenever the key length changes: at every decode step), and without cuDNN (model.py's choice)
+    # transformers as torch picks its attention (cuDNN first on Hopper with torch 2.11; cuDNN builds a graph
+    # for each new key length, and a decode step's is new at every step), and without cuDNN (model.py's choice)
     hf_rate, hf_no_cudnn, step_s = {}, {}, {}  # step_s: seconds per captured decode step, by batch
     mode = {"kv_gib": 0.05, "compile": True} if tiny else {}  # tiny (CPU): the GPU default, compiled layers
     # on a first GPU run, what fails is recorded and the case measured again without it: the compiled layers
