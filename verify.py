@@ -166,7 +166,8 @@ def grade(response: str, gold: str, *, timeout: float = 5.0, require_boxed: bool
 
 def grade_batch(pairs: list[tuple[str, str]], *, timeout: float = 5.0, workers: int | None = None,
                 require_boxed: bool = True, require_think_end: bool = False) -> BatchResult:
-    """Grade (response, gold) pairs in worker processes with a per-item time budget.
+    """Grade (response, gold) pairs in worker processes (default: one per CPU this process may run on) with a
+    per-item time budget.
 
     Answers are extracted here (cheap), so only short strings cross process boundaries, and identical
     (answer, gold) pairs are verified once. A worker stuck past its item's budget is killed and replaced;
@@ -2375,6 +2376,15 @@ class _Slot:
     since: float
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one (a cluster job bound to 32 of a
+    node's 224 cores), else the machine's count. More workers than usable CPUs share them, and each item's
+    budget is wall-clock time: an oversubscribed pool turns slow items into timeouts, graded wrong."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def _run_pool(tasks: list[tuple[str, str]], timeout: float, workers: int | None) -> list[tuple[bool, bool]]:
     """Verify tasks in worker processes; a worker past an item's budget (plus grace) is killed and replaced.
 
@@ -2384,7 +2394,7 @@ def _run_pool(tasks: list[tuple[str, str]], timeout: float, workers: int | None)
     if not tasks:
         return []
     ctx = multiprocessing.get_context("fork")
-    n_workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    n_workers = max(1, min(workers or _usable_cpus(), len(tasks)))
     chunk = max(1, min(32, len(tasks) // (n_workers * 4)))
     hard_limit = timeout + max(1.0, 0.2 * timeout)  # the worker's own alarm fires at `timeout`
     pending = deque(range(len(tasks)))

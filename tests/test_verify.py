@@ -257,6 +257,20 @@ def test_a_child_may_add_only_memory_limit_to_what_it_inherits(monkeypatch):
     assert verify._in_child(allocate, 512 << 20, 10.0) is False
 
 
+def test_the_pool_has_one_worker_per_usable_cpu(monkeypatch):
+    """A cluster job bound to a few of a node's cores (its affinity mask) gets that many workers, not one per
+    core of the node: each item's budget is wall-clock time, so an oversubscribed pool would time out items
+    that are merely slow. Workers counted by their forks."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    assert verify._usable_cpus() == 3
+    forks = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+    pairs = [(f"\\boxed{{{i}}}", str(i)) for i in range(40)]
+    assert verify.grade_batch(pairs).correct == [True] * 40
+    assert len(forks) == 3
+
+
 def test_grade_batch_matches_grade_and_replaces_hung_workers(monkeypatch):
     sample = [c for c in CASES if c["category"] in ("fraction", "interval", "extraction", "set_list")
               and "known_miss" not in c]
