@@ -49,8 +49,8 @@ leaves what it measured:
           sampler runs it, and called from Python) and bandwidth share; a step's matmuls alone, with q/k/v
           and gate/up as separate and as fused GEMMs; and the draw alone (exponential race and top-p);
   sample  sample.py against transformers' generate (as torch picks its attention, and without cuDNN, which
-          torch 2.11 picks on Hopper and which builds a graph at every decode step) and the HBM roofline, and
-          the kernels of a captured decode step (bench/bench_sample.py's cases);
+          torch 2.11 picks on Hopper and which builds a graph for each new key length, as a decode step's is)
+          and the HBM roofline, and the kernels of a captured decode step (bench/bench_sample.py's cases);
   grade   verify.py's labelled cases graded by grade_batch's workers forked from this process after it has
           used the device, as evaluate.py grades: every verdict must be the label;
   evaluate  evaluate.py end to end on two bundled benchmarks (short generations), then rerun: it must resume

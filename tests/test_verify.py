@@ -227,10 +227,11 @@ def test_symbolic_stage_runs_in_a_child():
 
 
 def test_grading_in_a_process_holding_a_large_address_space():
-    """A process that has used a GPU holds tens of GB of address space (reserved by the CUDA driver, unused);
-    its forked workers and children must grade as any other process does. They did not while their memory
-    cap was a fixed 4 GiB of address space: below what they inherit, every allocation failed and answers
-    needing the symbolic stage came back wrong. Here 16 GiB of address space is reserved, never touched."""
+    """A process running on a GPU holds a large address space (torch 2.11's CUDA build alone holds 3.1 GB once
+    imported, and CUDA's initialization reserves more); its forked workers and children must grade as any
+    other process does. They did not while their memory cap was a fixed 4 GiB of address space: below what
+    they inherit, their allocations failed and answers needing the symbolic stage came back wrong. Here
+    16 GiB of address space is reserved, never touched."""
     pairs = [(c["response"], c["gold"]) for c in CASES if c["category"] in ("radical", "equation", "fraction")
              and "known_miss" not in c]
     assert len(pairs) >= 20
@@ -245,6 +246,7 @@ def test_grading_in_a_process_holding_a_large_address_space():
         reserved.close()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the cap counts from Linux's VmSize")
 def test_a_child_may_add_only_memory_limit_to_what_it_inherits(monkeypatch):
     """The cap still stops a runaway computation: a child allocating more than MEMORY_LIMIT above its
     inherited address space fails (and grades False), one allocating less succeeds."""
@@ -261,7 +263,7 @@ def test_the_pool_has_one_worker_per_usable_cpu(monkeypatch):
     """A cluster job bound to a few of a node's cores (its affinity mask) gets that many workers, not one per
     core of the node: each item's budget is wall-clock time, so an oversubscribed pool would time out items
     that are merely slow. Workers counted by their forks."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)  # (macOS has none)
     assert verify._usable_cpus() == 3
     forks = []
     real_fork = os.fork
