@@ -15,7 +15,9 @@
     PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,resume --resume-runs defaults \
         --out $OUT/gpu2.json
     # (if the per-document runs fail at once in call 1, call 2 adds `train` with
-    # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard)
+    # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard;
+    # call 2 may need more than 330 s, its sections estimated at ~350: if `status` after call 1 leaves more
+    # budget, give call 2's timeout that budget less ~25 s)
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
