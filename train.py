@@ -325,6 +325,11 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
 
 
+def resumable_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints that still hold their training state (--keep-state prunes the older ones')."""
+    return [c for c in complete_checkpoints(out) if (c / "state").is_dir()]
+
+
 def _dcp(op, state: dict, path: Path) -> None:
     """dcp.save or dcp.load. One process needs no coordination: gloo's object gather would also leave an
     OpenMP team in its worker thread, and libgomp, then oversubscribed, stops spin-waiting, so small CPU ops
@@ -336,7 +341,7 @@ def _dcp(op, state: dict, path: Path) -> None:
 
 def resume_point(out: Path) -> str:
     """Where --resume would continue from, in words, for an error message."""
-    resumable = [c for c in complete_checkpoints(out) if (c / "state").is_dir()]
+    resumable = resumable_checkpoints(out)
     if not resumable:
         return "There is no resumable checkpoint yet."
     return f"The last complete checkpoint is {resumable[-1]} (--resume continues from it)."
@@ -477,7 +482,7 @@ def interrupted(out: Path) -> str:
     steps = [s for line in metrics.read_text().splitlines() if (s := logged_step(line)) > 0] \
         if metrics.is_file() else []
     done = f"interrupted after step {steps[-1]}" if steps else "interrupted before the first step finished"
-    ckpts = [c for c in complete_checkpoints(out) if (c / "state").is_dir()]
+    ckpts = resumable_checkpoints(out)
     if ckpts:
         return (f"{done}; the newest checkpoint is {ckpts[-1]}: rerun the same command with --resume to continue "
                 f"from it")
