@@ -497,14 +497,14 @@ def section_resume(ctx: Ctx) -> dict:
     shared = [sys.executable, str(ROOT / "train.py"), "--stage", "sft", "--model", str(base), "--data", str(data),
               "--batch-size", "8", "--micro-tokens", str(budget), "--max-len", str(budget), "--max-steps", "3",
               "--save-every", "0", "--log-every", "1", "--dtype", "bf16"]
-    r = {}
+    r, extra = {}, resume_runs()
     for name in ctx.resume_runs:
         try:
             straight, stopped = ctx.tmp / f"resume-{name}-straight", ctx.tmp / f"resume-{name}-stopped"
             seconds = []
             for out, more in ((straight, []), (stopped, ["--stop-at", "1"]), (stopped, ["--resume"])):
                 t = time.perf_counter()
-                proc = subprocess.run([*shared, *resume_runs()[name], "--out", str(out), *more], cwd=ROOT,
+                proc = subprocess.run([*shared, *extra[name], "--out", str(out), *more], cwd=ROOT,
                                       capture_output=True, text=True, timeout=600)
                 seconds.append(round(time.perf_counter() - t, 1))
                 if proc.returncode != 0:
@@ -827,6 +827,11 @@ def section_decode(ctx: Ctx) -> dict:
     return r
 
 
+def decode_rows(ctx: Ctx) -> tuple[int, ...]:
+    """The rows of a decode step that the decode section's matmuls and draw are timed at."""
+    return (1, 4) if ctx.tiny else (1, 64, 256)
+
+
 def decode_draw(ctx: Ctx, bw: float) -> dict:
     """The draw alone (sample.draw, compiled as the sampler runs it: the exponential race and top-p's radix
     select, whose histograms are scatter-adds), temperature 0.6 and top-p 0.95 over the real vocabulary, at the
@@ -839,7 +844,7 @@ def decode_draw(ctx: Ctx, bw: float) -> dict:
     fn = S._compiled_draw() if ctx.device.type == "cuda" else S.draw
     g = torch.Generator(device=ctx.device).manual_seed(0)
     r = {}
-    for rows in (1, 4) if ctx.tiny else (1, 64, 256):
+    for rows in decode_rows(ctx):
         keys = torch.arange(rows, device=ctx.device)
         for shape in ("peaked", "flat"):
             logits = torch.randn(rows, V, device=ctx.device, generator=g)
@@ -873,7 +878,7 @@ def decode_gemms(ctx: Ctx, bw: float) -> dict:
     }
     g = torch.Generator(device=dev).manual_seed(0)
     r = {}
-    for rows in (1, 4) if ctx.tiny else (1, 64, 256):
+    for rows in decode_rows(ctx):
         case = {}
         for name, shapes in groups.items():
             ws = [(torch.randn(o, i, device=dev, generator=g, dtype=ctx.dtype),
