@@ -378,6 +378,7 @@ class Sampler:
             self.cache.decode_buffers(_bucket(max_slots, max_slots))
         self.preemptions = 0
         self.generated, self.decode_s = 0, 0.0  # tokens decoded and seconds spent decoding, for throughput
+        self.steps_decoded, self.rows_decoded = 0, 0  # decode steps run, and rows they decoded: the mean batch
         self.capture_s = 0.0  # of decode_s, seconds spent compiling and capturing a new bucket's graph
         self._graphs: dict = {}
 
@@ -532,6 +533,8 @@ class Sampler:
             return self._decode_steps(active, steps, params)
         finally:
             self.decode_s += time.perf_counter() - start
+            self.steps_decoded += steps
+            self.rows_decoded += steps * len(active)
 
     def _decode_steps(self, active: list[_Seq], steps: int, params: SamplingParams) -> Tensor:
         B = len(active)

@@ -133,17 +133,36 @@ def decode_rate_hf(hf, prompts, new: int, device, sdpa_backends=None, **sampling
     return len(prompts) * new / (time.perf_counter() - t - t_one)
 
 
-def decode_rate_ours(model, prompts, new: int, params_kw: dict, **sampler_kw) -> tuple[float, float]:
+def pool_for(model, rows: int, context: int, block_size: int = 128, sync_every: int = 16) -> float:
+    """GiB of KV pool that holds `rows` sequences of `context` tokens at once: each row's blocks, its growth
+    until the next synchronization and the copy of its prompt's partial last block."""
+    blocks = rows * (math.ceil((context + sync_every + 1) / block_size) + 1) + 1  # + the scratch block
+    per_token = S.PagedKVCache.bytes_per_token(model.config, next(model.parameters()).dtype)
+    return blocks * block_size * per_token / 2**30
+
+
+def decode_rate_ours(model, prompts, new: int, params_kw: dict, **sampler_kw) -> dict:
     """Our decode tokens/s: tokens decoded over the time spent decoding (prefill excluded, as for
-    transformers), after a warm-up run of the same batch size that compiles and captures what it needs; and
-    the seconds of compiling and capturing the timed run still did (excluded from the rate; 0 when the
-    warm-up covered it). Until 2026-11-26 the warm-up's other length limit made the timed run capture its
-    graph again, inside the timed time."""
+    transformers), after a warm-up run of the same batch size that compiles and captures what it needs; the
+    seconds of compiling and capturing the timed run still did (excluded from the rate; 0 when the warm-up
+    covered it); the mean rows decoded per step, the seconds per step, and the preemptions. Until 2026-11-26
+    the warm-up's other length limit made the timed run capture its graph again, inside the timed time.
+
+    On GPU the KV pool is sized to hold every row at once (at most 90% of free memory): with the default
+    (70% of free memory) 256 rows of 8k tokens did not fit an H100 beside transformers' copy of the model,
+    so that case ran ~220 rows and then the rest as a small batch, and reported neither."""
+    if next(model.parameters()).is_cuda and "kv_gib" not in sampler_kw:
+        need = pool_for(model, len(prompts), len(prompts[0]) + new + 1)
+        sampler_kw["kv_gib"] = min(need, 0.9 * S.free_device_memory(next(model.parameters()).device) / 2**30)
     sampler = S.Sampler(model, max_slots=len(prompts), **sampler_kw)
     list(sampler.stream([p[:16] for p in prompts], S.SamplingParams(2 * sampler.sync_every + 1, **params_kw)))
     sampler.generated, sampler.decode_s, sampler.capture_s = 0, 0.0, 0.0
+    sampler.steps_decoded, sampler.rows_decoded, sampler.preemptions = 0, 0, 0
     list(sampler.stream(prompts, S.SamplingParams(new + 1, **params_kw)))
-    return sampler.generated / (sampler.decode_s - sampler.capture_s), sampler.capture_s
+    decode_s = sampler.decode_s - sampler.capture_s
+    return {"tok_s": sampler.generated / decode_s, "capture_s": sampler.capture_s,
+            "mean_rows": sampler.rows_decoded / sampler.steps_decoded, "step_s": decode_s / sampler.steps_decoded,
+            "preemptions": sampler.preemptions, "kv_gib": sampler_kw.get("kv_gib")}
 
 
 class ImposedLengths(S.Sampler):
@@ -182,6 +201,8 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     targets = list(first - done) + list(fresh)
     prompts = [rng.integers(10, V - 10, 150 + d).tolist() for d in done] + \
         [rng.integers(10, V - 10, 150).tolist() for _ in fresh]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     sampler = ImposedLengths(model, targets, max_slots=slots, **sampler_kw)
     params = S.SamplingParams(cap + 1, temperature=0.6, top_p=0.95)
     stream = sampler.stream(prompts, params)
@@ -190,7 +211,7 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     for _ in stream:  # the first yield comes after the slots are filled and decoding runs
         if finished == 0:
             t0, base_tokens, base_decode = time.perf_counter(), sampler.generated, sampler.decode_s
-            base_capture = sampler.capture_s
+            base_capture, base_steps, base_rows = sampler.capture_s, sampler.steps_decoded, sampler.rows_decoded
         finished += 1
         if sampler.decode_s - base_decode > window:
             break
@@ -200,14 +221,20 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     tokens = sampler.generated - base_tokens
     r = {"slots": slots, "window_s": wall, "capture_s_excluded": capture, "tokens": tokens, "finished": finished,
          "tok_s": tokens / wall, "decode_only_tok_s": tokens / (sampler.decode_s - base_decode - capture),
-         "preemptions": sampler.preemptions, "kv_pool_tokens": (sampler.cache.n_blocks - 1) * sampler.cache.block_size}
+         "preemptions": sampler.preemptions, "kv_pool_tokens": (sampler.cache.n_blocks - 1) * sampler.cache.block_size,
+         "mean_rows": (sampler.rows_decoded - base_rows) / max(1, sampler.steps_decoded - base_steps),
+         "step_ms": 1e3 * (sampler.decode_s - base_decode - capture) / max(1, sampler.steps_decoded - base_steps)}
+    if device.type == "cuda":  # how much of the device the default KV pool (70% of free memory) leaves unused
+        r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        r["device_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     protocol = 24_960 * float(np.mean(trace_lengths(np.random.default_rng(1), 1_000_000, mean, cap)))
     r["protocol_tokens"] = protocol
     r["projected_h_8_gpus"] = protocol / (8 * r["tok_s"]) / 3600
     if batch1_step_s is not None:  # the last sequence of a rank may run alone: at most a full trace at batch 1
         r["tail_bound_h"] = cap * batch1_step_s / 3600
     print(f"  long tail ({slots} slots, lognormal mean {mean}, cap {cap}, KV pool {r['kv_pool_tokens']:,} tokens, "
-          f"{sampler.preemptions} preemptions): {r['tok_s']:,.0f} tok/s over "
+          f"{sampler.preemptions} preemptions, {r['mean_rows']:.0f} rows per step of {r['step_ms']:.1f} ms): "
+          f"{r['tok_s']:,.0f} tok/s over "
           f"{wall:.0f}s ({capture:.0f}s of capturing new buckets excluded); protocol ({protocol / 1e6:.0f}M tokens) on 8 GPUs: {r['projected_h_8_gpus']:.2f} h"
           f" + tail bound {r.get('tail_bound_h', float('nan')):.2f} h", flush=True)
     return r
@@ -307,7 +334,7 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
                         torch.cuda.empty_cache()
             while True:
                 try:
-                    ours_tps, capture_s = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
+                    got = decode_rate_ours(ours, prompts, new, sampling, **(mode | extra))
                     break
                 except Exception as e:
                     if not fallbacks or isinstance(e, torch.cuda.OutOfMemoryError):  # memory is no compile error
@@ -316,24 +343,27 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
                     mode |= fallbacks.pop(0)
                     print(f"  {name}: failed ({type(e).__name__}: {str(e)[:300]}); again with {mode}", flush=True)
                     torch.cuda.empty_cache()
+            ours_tps = got["tok_s"]
             roof = roofline(ours, B, prompt_len + new / 2, bw)
             cuda = device.type == "cuda"
             r[name] = {"cuda_graphs": mode.get("cuda_graphs", cuda),
                        "compiled_layers": (mode | extra).get("compile", mode.get("cuda_graphs", cuda)),
                        "transformers_tok_s": hf_rate[hf_B], "transformers_batch": hf_B, "ours_tok_s": ours_tps,
                        "speedup": ours_tps / hf_rate[hf_B], "roofline_tok_s": roof, "of_roofline": ours_tps / roof,
-                       "capture_s_excluded": capture_s}
+                       "capture_s_excluded": got["capture_s"], "mean_rows": got["mean_rows"],
+                       "step_ms": 1e3 * got["step_s"], "preemptions": got["preemptions"], "kv_gib": got["kv_gib"]}
             no_cudnn = ""
             if hf_B in hf_no_cudnn:
                 r[name] |= {"transformers_no_cudnn_tok_s": hf_no_cudnn[hf_B],
                             "speedup_vs_no_cudnn": ours_tps / hf_no_cudnn[hf_B]}
                 no_cudnn = f", without cuDNN attention {hf_no_cudnn[hf_B]:,.0f} tok/s"
             if not extra:
-                step_s[B] = B / ours_tps
+                step_s[B] = got["step_s"]
             print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s{no_cudnn} | ours "
                   f"{ours_tps:,.0f} tok/s ({ours_tps / hf_rate[hf_B]:.2f}x"
                   + (f", {ours_tps / hf_no_cudnn[hf_B]:.2f}x" if no_cudnn else "")
-                  + f") | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%)", flush=True)
+                  + f") | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%) | {got['mean_rows']:.0f} rows per "
+                  f"step, {1e3 * got['step_s']:.2f} ms, {got['preemptions']} preemptions", flush=True)
         except Exception as e:  # an out-of-memory error at one size should not hide the others
             r[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  {name}: {r[name]['error']}", flush=True)

@@ -549,6 +549,16 @@ def test_a_prompt_is_prefilled_once_for_its_samples_and_prompts_together(models,
     assert calls[0] == [0, 1]  # a token budget of 40 stops the first packed prefill after 39 tokens
 
 
+def test_the_sampler_counts_the_rows_each_step_decoded(models):
+    """What bench/bench_sample.py reports as the mean batch: 3 prompts on 2 slots, 6 new tokens each (the first
+    drawn from the prefill's logits, 5 decoded): the first two decode together, then the third alone."""
+    ours, _ = models
+    sampler = S.Sampler(ours, max_slots=2, kv_gib=1.0)
+    outs = list(sampler.stream(prompts([4, 9, 6]), S.SamplingParams(6)))
+    assert [len(t) for _, _, t in outs] == [6, 6, 6]
+    assert (sampler.steps_decoded, sampler.rows_decoded) == (10, 15)
+
+
 def test_bad_requests_get_clear_errors(models):
     ours, _ = models
     with pytest.raises(ValueError, match="prompt 1 is empty"):
