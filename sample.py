@@ -77,6 +77,10 @@ def exponentials(seed: int, prompt: Tensor, sample: Tensor, step: Tensor, vocab:
     return -u.log()
 
 
+# Copies of each top-p histogram, interleaved by token id (see _nucleus).
+NUCLEUS_COPIES = 32
+
+
 def _nucleus(probs: Tensor, top_p: float) -> Tensor:
     """Tokens (B, V) whose strictly more probable tokens hold less than top_p of the mass, by a radix select
     of the threshold probability t* (the smallest kept one) instead of a sort: kept <=> p >= t*.
@@ -85,17 +89,25 @@ def _nucleus(probs: Tensor, top_p: float) -> Tensor:
     Non-negative floats order like their bit patterns (30 bits for p <= 1), so t* is found 10 bits at a time:
     a histogram of the mass per 10-bit digit among tokens sharing the digits found so far; the digit of t* is
     the lowest one whose mass above it (above the prefix, plus the higher digits' buckets) is below top_p.
-    Three rounds of fixed-shape passes, no branch on values: ready for CUDA graphs."""
+    Three rounds of fixed-shape passes, no branch on values: ready for CUDA graphs.
+
+    Each histogram is built as NUCLEUS_COPIES copies, token v adding to copy v mod NUCLEUS_COPIES, then summed
+    (exact: integers). On a GPU a histogram is atomic adds, which serialize on one address, and a flat tail's
+    ~150k tokens share a few buckets: with one copy the 32 lanes of a warp, adjacent token ids, mostly add
+    to the same address. With 32 copies they add to 32 different ones."""
+    B, V = probs.shape
     bits = probs.view(torch.int32).long()  # (B, V), ordered like probs
     mass = (probs.double() * 2.0**52).long()  # (B, V), fixed point
     limit = math.ceil(top_p * 2.0**52)  # mass < top_p <=> fixed-point mass < limit
-    prefix = torch.zeros(probs.shape[0], 1, dtype=torch.long, device=probs.device)  # t*'s digits so far
+    prefix = torch.zeros(B, 1, dtype=torch.long, device=probs.device)  # t*'s digits so far
     above = torch.zeros_like(prefix)  # mass of the tokens above the prefix's range, < limit
+    offset = torch.arange(V, device=probs.device) % NUCLEUS_COPIES * 1024  # (V,) where token v's copy starts
     for shift in (20, 10, 0):
         digit = (bits >> shift) & 1023  # (B, V)
         inside = (bits >> (shift + 10)) == prefix  # (B, V)
-        hist = torch.zeros(probs.shape[0], 1024, dtype=torch.long, device=probs.device)
-        hist.scatter_add_(1, digit, mass.where(inside, 0))  # (B, 1024)
+        copies = torch.zeros(B, NUCLEUS_COPIES * 1024, dtype=torch.long, device=probs.device)
+        copies.scatter_add_(1, digit + offset, mass.where(inside, 0))  # (B, copies * 1024)
+        hist = copies.view(B, NUCLEUS_COPIES, 1024).sum(1)  # (B, 1024)
         over = above + hist.flip(-1).cumsum(-1).flip(-1) - hist  # (B, 1024) mass above each bucket, non-increasing
         d = (over >= limit).sum(-1, keepdim=True)  # (B, 1) the lowest bucket with over < limit (over[1023] = above)
         above = over.gather(1, d)

@@ -838,24 +838,41 @@ def decode_draw(ctx: Ctx, bw: float) -> dict:
     rows of a decode step (1, 64, 256; tiny: 1, 4), replayed from a CUDA graph: microseconds, and the share of
     the copy bandwidth that one read of its bf16 logits would reach. Logits of two shapes: peaked (a few
     tokens 15 above a N(0, 4) tail, as a confident model's) and flat (N(0, 1): a nucleus of most of the
-    vocabulary), since the histograms' atomic adds contend on the buckets the tail's probabilities share."""
+    vocabulary), since the histograms' atomic adds contend on the buckets the tail's probabilities share.
+    Last, flat logits at the most rows with the histograms in one copy (sample.NUCLEUS_COPIES = 1), the layout
+    before 2026-11-27 and never timed alone: what the 32 interleaved copies save."""
     V = ctx.config.vocab_size
     params = S.SamplingParams(1, temperature=0.6, top_p=0.95)
-    fn = S._compiled_draw() if ctx.device.type == "cuda" else S.draw
+    compiled = ctx.device.type == "cuda"
+    fn = S._compiled_draw() if compiled else S.draw
     g = torch.Generator(device=ctx.device).manual_seed(0)
+
+    def logits_of(rows: int, shape: str) -> torch.Tensor:
+        logits = torch.randn(rows, V, device=ctx.device, generator=g)
+        if shape == "peaked":
+            logits = 2 * logits
+            logits[:, :5] += 15
+        return logits.to(ctx.dtype)
+
     r = {}
     for rows in decode_rows(ctx):
         keys = torch.arange(rows, device=ctx.device)
         for shape in ("peaked", "flat"):
-            logits = torch.randn(rows, V, device=ctx.device, generator=g)
-            if shape == "peaked":
-                logits = 2 * logits
-                logits[:, :5] += 15
-            logits = logits.to(ctx.dtype)
+            logits = logits_of(rows, shape)
             s = graph_timed(ctx, lambda: fn(logits, params, keys, keys, keys))
             r[f"{rows} rows, {shape}"] = {"us": 1e6 * s, "of_copy_bandwidth": logits.nbytes / s / bw}
         print(f"    draw at {rows} rows: " + ", ".join(f"{shape} {r[f'{rows} rows, {shape}']['us']:.0f} us"
                                                   for shape in ("peaked", "flat")), flush=True)
+    rows, copies = decode_rows(ctx)[-1], S.NUCLEUS_COPIES
+    keys, logits = torch.arange(rows, device=ctx.device), logits_of(rows, "flat")
+    try:
+        S.NUCLEUS_COPIES = 1  # a global: dynamo guards on it, so the fresh compile below traces one copy
+        one = torch.compile(S.draw, dynamic=True) if compiled else S.draw
+        s = graph_timed(ctx, lambda: one(logits, params, keys, keys, keys))
+    finally:
+        S.NUCLEUS_COPIES = copies
+    r[f"{rows} rows, flat, one histogram copy"] = {"us": 1e6 * s, "of_copy_bandwidth": logits.nbytes / s / bw}
+    print(f"    draw at {rows} rows, flat, histograms in one copy: {1e6 * s:.0f} us", flush=True)
     return r
 
 

@@ -176,6 +176,9 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
     assert [sample[k]["compiled_layers"] for k in sample if k.startswith("batch 1,")] == [True, False]
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
+    # every case decoded all its rows at once (the KV pool holds them), as its name says
+    assert [sample[k]["mean_rows"] for k in sample if k.startswith("batch")] == [1, 1, 8, 16]
+    assert sample["long tail"]["mean_rows"] == 8 and sample["long tail"]["step_ms"] > 0
     anatomy = sample["step anatomy, batch 1, uncaptured"]
     assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0 and anatomy["top_per_step"]
     assert "note" not in anatomy
@@ -189,6 +192,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     gemms = report["decode"]["gemms"]
     assert list(gemms) == ["1 rows", "4 rows"] and all(len(g) == 7 for g in gemms.values())
     assert all(v["us"] > 0 for g in gemms.values() for v in g.values())
-    assert list(report["decode"]["draw"]) == ["1 rows, peaked", "1 rows, flat", "4 rows, peaked", "4 rows, flat"]
+    assert list(report["decode"]["draw"]) == ["1 rows, peaked", "1 rows, flat", "4 rows, peaked", "4 rows, flat",
+                                              "4 rows, flat, one histogram copy"]
     assert all(v["us"] > 0 for v in report["decode"]["draw"].values())
     assert all(sum("(the sampler's)" in name for name in case) == 1 for case in cases)
