@@ -12,12 +12,14 @@
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
         --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,resume --resume-runs defaults \
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections decode,grade,sample,resume --resume-runs defaults \
         --out $OUT/gpu2.json
     # (if the per-document runs fail at once in call 1, call 2 adds `train` with
     # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard;
-    # call 2 may need more than 330 s, its sections estimated at ~350: if `status` after call 1 leaves more
-    # budget, give call 2's timeout that budget less ~25 s)
+    # call 2 may need more than 330 s, its sections estimated at ~370 (decode ~40, grade ~15, sample ~315 of
+    # which the step anatomies last ~40): if `status` after call 1 leaves more budget, give call 2's timeout
+    # that budget less ~25 s. decode goes first: its draw and matmul timings say what a decode step at 64 and
+    # 256 rows spends beyond attention, which sample's cases show only as a total)
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
