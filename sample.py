@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import math
 import sys
 import time
 from collections import deque
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
@@ -239,27 +241,28 @@ class PagedKVCache:
     def decode_buffers(self, rows: int) -> None:
         """Fixed-address decode buffers for up to `rows` rows (in place): the page table padded to the whole
         pool's width (the block mask's kv_indices) and each row's physical-to-logical block map (-1: not the
-        row's; one extra column takes writes for table padding). Allocated once: CUDA graphs captured on them
-        keep their addresses."""
+        row's). Allocated once: CUDA graphs captured on them keep their addresses."""
         if rows > self.rows:
             if self.rows:
                 raise RuntimeError("decode buffers are allocated once, at the largest batch")
             self.rows = rows
             self.page_table = torch.zeros(rows, self.n_blocks, dtype=torch.int32, device=self.device)
-            self.logical = torch.full((rows, self.n_blocks + 1), -1, dtype=torch.int32, device=self.device)
+            self.logical = torch.full((rows, self.n_blocks), -1, dtype=torch.int32, device=self.device)
 
     def set_pages(self, pages: Sequence[Sequence[int]]) -> None:
-        """Fill the in-place decode buffers' first len(pages) rows with these block lists."""
-        n, width = len(pages), max(len(p) for p in pages)
-        table = torch.tensor([list(p) + [0] * (width - len(p)) for p in pages], dtype=torch.int32)
-        count = torch.tensor([len(p) for p in pages])
+        """Fill the in-place decode buffers' first len(pages) rows with these block lists. Built from flat
+        arrays, not a padded nested list: at 256 rows of ~50 blocks the host does this once per round of
+        decode steps while the device waits."""
+        n = len(pages)
+        count = np.fromiter(map(len, pages), dtype=np.int64, count=n)
+        block = np.fromiter(itertools.chain.from_iterable(pages), dtype=np.int64, count=int(count.sum()))
+        row = np.repeat(np.arange(n), count)  # (blocks,) each block's row
+        col = np.arange(len(block)) - np.repeat(np.cumsum(count) - count, count)  # (blocks,) its logical index
+        row, col, block = (torch.from_numpy(x).to(self.device, non_blocking=True) for x in (row, col, block))
         self.page_table[:n].zero_()
-        self.page_table[:n, :width] = table.to(self.device, non_blocking=True)
-        j = torch.arange(width)
-        valid = j < count[:, None]  # (n, width)
-        target = torch.where(valid, table, self.n_blocks).long()  # padding writes go to the extra column
+        self.page_table[row, col] = block.int()
         self.logical[:n].fill_(-1)
-        self.logical[:n].scatter_(1, target.to(self.device), torch.where(valid, j, -1).int().to(self.device))
+        self.logical[row, block] = col.int()
 
     # the model's cache protocol: begin runs once per forward, update once per layer
     @property
