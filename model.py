@@ -300,13 +300,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_kernel_options(batch: int, kv_heads: int, sms: int) -> dict:
-    """flex_attention's decoding-kernel options for a step of `batch` rows: SPLIT_KV (decode_split_kv) and,
-    while the grid holds fewer than 6 thread blocks per SM, 4 warps and 3 pipeline stages instead of
-    inductor's 2 and 1 on sm_90, so each thread block keeps more key loads in flight. Fitted to an H100's
-    one-layer timings (bench/gpu.py --sections decode, 2026-11-26): 274 us against 347 at 64 x 8k context
-    (4.8 thread blocks per SM), 851 against 812 at 256 x 8k (7.8 per SM, already at the copy bandwidth)."""
-    split = decode_split_kv(batch, kv_heads, sms)
+def decode_kernel_options(batch: int, kv_heads: int, sms: int, split: int | None = None) -> dict:
+    """flex_attention's decoding-kernel options for a step of `batch` rows: SPLIT_KV (`split`, by default
+    decode_split_kv) and, while the grid holds fewer than 6 thread blocks per SM, 4 warps and 3 pipeline
+    stages instead of inductor's 2 and 1 on sm_90, so each thread block keeps more key loads in flight. Fitted
+    to an H100's one-layer timings (bench/gpu.py --sections decode, 2026-11-26): 274 us against 347 at 64 x 8k
+    context (4.8 thread blocks per SM), 851 against 812 at 256 x 8k (7.8 per SM, already at the copy
+    bandwidth)."""
+    split = split or decode_split_kv(batch, kv_heads, sms)
     options: dict = {"SPLIT_KV": split}
     if batch * kv_heads * split < 6 * sms:
         options |= {"num_warps": 4, "num_stages": 3}

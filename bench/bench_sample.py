@@ -299,9 +299,8 @@ def step_anatomy(model, device, sampling: dict, batch: int, prompt_len: int, cap
 def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
     """The GPU cases (bench/gpu.py's sampler section), decode throughput at the evaluation's sampling settings
     (temperature 0.6, top-p 0.95) against transformers' generate and the HBM roofline: batch 1 with a
-    1k-token prompt, batch 64 and 256 at ~8k context; then the long-tail workload; then the kernels of a
-    decode step at batch 1 and 64 (step_anatomy). tiny: the same, scaled down for a CPU smoke test.
-    progress: called with the results so far after each case."""
+    1k-token prompt, batch 64 and 256 at ~8k context; then the long-tail workload. tiny: the same, scaled
+    down for a CPU smoke test. progress: called with the results so far after each case."""
     g = torch.Generator().manual_seed(0)
     bw = bandwidth(device)
     V = ours.config.vocab_size
@@ -371,6 +370,7 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
             torch.cuda.empty_cache()
         if progress is not None:
             progress(r)
+    r["step_ms_by_batch"] = {B: 1e3 * s for B, s in step_s.items()}  # the compiled cases' (for anatomies)
     try:
         r["long tail"] = long_tail(ours, device, tiny, step_s.get(1), mode)
     except Exception as e:
@@ -378,16 +378,24 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
         print(f"  long tail: {r['long tail']['error']}", flush=True)
     if progress is not None:
         progress(r)
-    # after the long tail (a crash of the profiler must not cost it): batch 1 and the first large batch,
-    # replayed from CUDA graphs as the sampler runs them (GPU); launched one by one on CPU, or where the
-    # replays' profile failed or showed no kernels
-    for B, prompt_len, _ in [cases[0], cases[2]]:
+    return r
+
+
+def anatomies(ours, device, tiny: bool = False, step_ms: dict[int, float] | None = None, progress=None) -> dict:
+    """The kernels of a decode step (step_anatomy) at batch 1 with a 1k-token prompt and at batch 64 x 8k
+    (tiny: 1 x 64 and 8 x 200), replayed from CUDA graphs as the sampler runs them (GPU); launched one by one
+    on CPU, or where the replays' profile failed or showed no kernels. step_ms: the captured step's ms by
+    batch, from device_cases, reported beside the kernel time (launch gaps against slow kernels). Apart from
+    device_cases, so that a crash of the profiler or a time limit cannot cost the throughput figures."""
+    sampling = dict(temperature=0.6, top_p=0.95)
+    r = {}
+    for B, prompt_len in ((1, 64), (8, 200)) if tiny else ((1, 1000), (64, 8000)):
         for captured in (True, False) if device.type == "cuda" else (False,):
             name = f"step anatomy, batch {B}, {'captured' if captured else 'uncaptured'}"
             try:
                 anatomy = step_anatomy(ours, device, sampling, B, prompt_len, captured)
-                if B in step_s:
-                    anatomy["captured_step_ms"] = 1e3 * step_s[B]  # the same step in a CUDA graph, from its case
+                if step_ms and B in step_ms:
+                    anatomy["captured_step_ms"] = step_ms[B]  # the same step in a CUDA graph, from its case
             except Exception as e:
                 anatomy = {"error": f"{type(e).__name__}: {e}"}
             r[name] = anatomy
@@ -429,7 +437,8 @@ def main() -> None:
     config.rope_theta, config.max_position_embeddings = 300000.0, 32768
     ours, hf = setup(config, device, torch.bfloat16, Path(args.tmp))
     print(f"GPU {torch.cuda.get_device_name()}, bf16, Qwen2.5-Math-1.5B config (random weights)")
-    device_cases(ours, hf, device)
+    r = device_cases(ours, hf, device)
+    anatomies(ours, device, step_ms=r["step_ms_by_batch"])
 
 if __name__ == "__main__":
     main()

@@ -12,14 +12,14 @@
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
         --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections decode,grade,sample,resume --resume-runs defaults \
-        --out $OUT/gpu2.json
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,anatomy,resume \
+        --resume-runs defaults --out $OUT/gpu2.json
     # (if the per-document runs fail at once in call 1, call 2 adds `train` with
     # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard;
-    # call 2 may need more than 330 s, its sections estimated at ~370 (decode ~40, grade ~15, sample ~315 of
-    # which the step anatomies last ~40): if `status` after call 1 leaves more budget, give call 2's timeout
-    # that budget less ~25 s. decode goes first: its draw and matmul timings say what a decode step at 64 and
-    # 256 rows spends beyond attention, which sample's cases show only as a total)
+    # call 2 may need more than 330 s, its sections estimated at ~440: sample ~275 (its long tail, the
+    # protocol's projection, ends it), grade ~15, decode ~60 (uniform and ragged attention, matmuls, the draw:
+    # what a decode step at 64 and 256 rows spends beyond its KV reads), anatomy ~40, resume ~40; if `status`
+    # after call 1 leaves more budget, give call 2's timeout that budget less ~25 s)
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
@@ -50,11 +50,14 @@ leaves what it measured:
           share of the step's wall time the device was busy;
   decode  one layer's decode attention alone over a paged pool, for ways of launching flex_attention's
           decoding kernel (SPLIT_KV, pipelining, warps): microseconds (replayed from a CUDA graph, as the
-          sampler runs it, and called from Python) and bandwidth share; a step's matmuls alone, with q/k/v
-          and gate/up as separate and as fused GEMMs; and the draw alone (exponential race and top-p);
+          sampler runs it, and called from Python) and bandwidth share, at uniform lengths and at the long
+          tail's ragged ones; a step's matmuls alone, with q/k/v and gate/up as separate and as fused GEMMs;
+          and the draw alone (exponential race and top-p);
   sample  sample.py against transformers' generate (as torch picks its attention, and without cuDNN, which
           torch 2.11 picks on Hopper and which builds a graph for each new key length, as a decode step's is)
-          and the HBM roofline, and the kernels of a captured decode step (bench/bench_sample.py's cases);
+          and the HBM roofline (bench/bench_sample.py's cases), then the long-tail workload and the
+          protocol's projection;
+  anatomy the kernels of a decode step replayed from a CUDA graph, at batch 1 and 64 (bench/bench_sample.py);
   grade   verify.py's labelled cases graded by grade_batch's workers forked from this process after it has
           used the device, as evaluate.py grades: every verdict must be the label;
   evaluate  evaluate.py end to end on two bundled benchmarks (short generations), then rerun: it must resume
@@ -749,77 +752,47 @@ def section_profile(ctx: Ctx) -> dict:
             "top": [{"name": k[:90], "ms": ms, "calls": n} for k, (ms, n) in top]}
 
 
+def ragged_lengths(rows: int, tiny: bool) -> list[int]:
+    """Context lengths of `rows` sequences in flight on the long-tail workload (bench_sample.long_tail): trace
+    lengths drawn length-biased (a long trace holds its slot longer), each part-way through, after a 150-token
+    prompt. At 256 rows: mean ~6k, the longest ~25-30k."""
+    mean, cap = (40, 160) if tiny else (5500, 32768)
+    rng = np.random.default_rng(0)
+    pool = bench_sample.trace_lengths(rng, 100_000, mean, cap)
+    first = rng.choice(pool, size=rows, p=pool / pool.sum())
+    return (150 + (rng.uniform(size=rows) * first).astype(int)).tolist()
+
+
 @torch.no_grad()
 def section_decode(ctx: Ctx) -> dict:
     """One layer's decode attention alone (model._flex_decode compiled over a paged pool with the sampler's
     block mask, bf16), for ways of launching flex_attention's decoding kernel: inductor's options, our SPLIT_KV
     (model.decode_split_kv), and with it 3 pipelining stages with 2 or 4 warps; the one the sampler uses
-    (model.decode_kernel_options) is marked. Each variant is checked against an fp32 reference on each row's
-    gathered keys, and timed as microseconds per call and the share of the measured copy bandwidth its KV
-    reads reach (the sampler's step does this once per layer). On GPU `us` is a call replayed from a CUDA
-    graph, as in the sampler (20 calls per graph), and `us_launched` a call from Python, through the compiled
-    function's guards, with a synchronization: at batch 1 mostly host time. The H100 runs of 2026-11-26 timed
-    only the latter, and also the mask's old layout (every whole block listed as full): 1.1-1.5x slower at
-    batch 1 and 64, the same at 256; dropped since."""
+    (model.decode_kernel_options) is marked. Then rows of ragged lengths, as the long tail has them in flight
+    (ragged_lengths), for SPLIT_KV 2 to 16: the kernel gives each split of a row an equal share of that row's
+    blocks, so with few splits the longest row's share runs on alone after the others end. Each variant is
+    checked against an fp32 reference on each row's gathered keys, and timed as microseconds per call and the
+    share of the measured copy bandwidth its KV reads reach (the sampler's step does this once per layer). On
+    GPU `us` is a call replayed from a CUDA graph, as in the sampler (20 calls per graph), and `us_launched` a
+    call from Python, through the compiled function's guards, with a synchronization: at batch 1 mostly host
+    time. The H100 runs of 2026-11-26 timed only the latter, and also the mask's old layout (every whole block
+    listed as full): 1.1-1.5x slower at batch 1 and 64, the same at 256; dropped since."""
     c, dev = ctx.config, ctx.device
-    H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    bs = 32 if ctx.tiny else 128  # the sampler's block sizes on CPU and GPU
+    Hkv = c.num_key_value_heads
     bw = bench_sample.bandwidth(dev)
     sms = M._sm_count(dev) if dev.type == "cuda" else 8
     r = {"copy_gb_s": bw / 1e9}
     for B, n in ((2, 300), (4, 500)) if ctx.tiny else ((1, 1000), (64, 8000), (128, 8000), (256, 8000)):
-        one = S.PagedKVCache(dataclasses.replace(c, num_hidden_layers=1),
-                             n_blocks=B * -(-n // bs) + 1, block_size=bs, device=dev, dtype=ctx.dtype, in_place=True)
-        g = torch.Generator(device=dev).manual_seed(0)
-        one.k.normal_(generator=g)
-        one.v.normal_(generator=g)
-        blocks = (torch.randperm(one.n_blocks - 1, generator=torch.Generator().manual_seed(B)) + 1).tolist()
-        per_row = -(-n // bs)
-        pages = [blocks[i * per_row:(i + 1) * per_row] for i in range(B)]
-        one.decode_buffers(B)
-        one.set_pages(pages)
-        lengths = torch.full((B,), n, device=dev)
-        # scores with a standard deviation of 3: a few keys dominate each row, so a misread block shows
-        q = (3 * torch.randn(B, H, 1, hd, device=dev, generator=g)).to(ctx.dtype)
-        k, v = one.k[0][None], one.v[0][None]
-        mask = one._block_mask(lengths)
-        # the reference: each row's keys gathered, in fp32 (uncompiled flex_attention would score the whole
-        # pool: tens of GB at batch 256)
-        rows = one.pool_rows(torch.tensor(pages, device=dev)).flatten(1)[:, :n]  # (B, n) pool positions
-        kk, vv = (x[0][:, rows.flatten()].view(Hkv, B, n, hd).transpose(0, 1).float() for x in (one.k, one.v))
-        scores = q.float().view(B, Hkv, H // Hkv, hd) @ kk.transpose(-1, -2) / hd**0.5  # (B, Hkv, H/Hkv, n)
-        want = (scores.softmax(-1) @ vv).reshape(B, H, 1, hd)
-        # bf16's own error here: SDPA on the same gathered keys in bf16
-        sdpa = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, hd), kk.to(ctx.dtype), vv.to(ctx.dtype))
-        bf16_err = float((sdpa.reshape(B, H, 1, hd).float() - want).abs().max())
-        r[f"batch {B}, {n} positions, sdpa on gathered keys, max_err_vs_fp32"] = bf16_err
-        del kk, vv, scores, sdpa
         split = M.decode_split_kv(B, Hkv, sms)
         variants = {"inductor's options": None, f"SPLIT_KV {split}": {"SPLIT_KV": split},
                     "... num_stages 3": {"SPLIT_KV": split, "num_stages": 3},
                     "... num_stages 3, num_warps 4": {"SPLIT_KV": split, "num_stages": 3, "num_warps": 4}}
-        sampler = M.decode_kernel_options(B, Hkv, sms)
-        variants = {name + (" (the sampler's)" if options == sampler else ""): options
-                    for name, options in variants.items()}  # (each variant is a compile: ~16 in all)
-        case = {}
-        kv_bytes = B * n * Hkv * hd * 2 * ctx.dtype.itemsize
-        for name, options in variants.items():
-            try:
-                torch._dynamo.reset()
-                # on CPU the sampler runs it uncompiled (inductor's CPU flex template fails to build some of
-                # these masks), so the smoke test does too
-                fn = torch.compile(M._flex_decode, dynamic=False) if dev.type == "cuda" else M._flex_decode
-                got = fn(q, k, v, mask, options)
-                err = float((got.float() - want).abs().max())
-                launched = timed(ctx, lambda: fn(q, k, v, mask, options), 20)
-                s = graph_timed(ctx, lambda: fn(q, k, v, mask, options))
-                case[name] = {"us": 1e6 * s, "us_launched": 1e6 * launched, "of_copy_bandwidth": kv_bytes / s / bw,
-                              "max_err_vs_fp32": err, "ok": err <= 4 * bf16_err + 1e-4}
-            except Exception as e:
-                case[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(f"    {B} x {n}, {name}: {json.dumps(case[name])}", flush=True)
-        r[f"batch {B}, {n} positions"] = case
-        ctx.write("decode", r)
+        decode_case(ctx, r, f"batch {B}, {n} positions", [n] * B, variants, sms, bw)
+    B = 4 if ctx.tiny else 256
+    lengths = ragged_lengths(B, ctx.tiny)
+    variants = {f"SPLIT_KV {split}": M.decode_kernel_options(B, Hkv, sms, split) for split in (2, 4, 8, 16)}
+    decode_case(ctx, r, f"batch {B}, ragged positions (mean {statistics.mean(lengths):.0f}, longest {max(lengths)})",
+                lengths, variants, sms, bw)
     for name, part in (("gemms", decode_gemms), ("draw", decode_draw)):
         try:
             r[name] = part(ctx, bw)
@@ -827,6 +800,63 @@ def section_decode(ctx: Ctx) -> dict:
             r[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         ctx.write("decode", r)
     return r
+
+
+def decode_case(ctx: Ctx, r: dict, title: str, lengths: list[int], variants: dict, sms: int, bw: float) -> None:
+    """section_decode's timing of each launch variant over rows of these lengths, into r[title]; the sampler's
+    own options marked, each output checked against an fp32 reference."""
+    c, dev = ctx.config, ctx.device
+    H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    B, bs = len(lengths), 32 if ctx.tiny else 128  # the sampler's block sizes on CPU and GPU
+    per_row = [-(-n // bs) for n in lengths]
+    one = S.PagedKVCache(dataclasses.replace(c, num_hidden_layers=1), n_blocks=sum(per_row) + 1, block_size=bs,
+                         device=dev, dtype=ctx.dtype, in_place=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    one.k.normal_(generator=g)
+    one.v.normal_(generator=g)
+    blocks = (torch.randperm(one.n_blocks - 1, generator=torch.Generator().manual_seed(B)) + 1).tolist()
+    starts = np.cumsum([0] + per_row).tolist()
+    pages = [blocks[starts[i]:starts[i + 1]] for i in range(B)]
+    one.decode_buffers(B)
+    one.set_pages(pages)
+    # scores with a standard deviation of 3: a few keys dominate each row, so a misread block shows
+    q = (3 * torch.randn(B, H, 1, hd, device=dev, generator=g)).to(ctx.dtype)
+    k, v = one.k[0][None], one.v[0][None]
+    mask = one._block_mask(torch.tensor(lengths, device=dev))
+    # the reference, row by row on each row's gathered keys in fp32 (uncompiled flex_attention would score the
+    # whole pool: tens of GB at batch 256); bf16's own error: SDPA on the same keys in bf16
+    want, bf16_err = torch.empty(B, H, 1, hd, device=dev), 0.0
+    for b, n in enumerate(lengths):
+        rows = one.pool_rows(torch.tensor(pages[b], device=dev)).flatten()[:n]
+        kk, vv = (x[0][:, rows][None].float() for x in (one.k, one.v))  # (1, Hkv, n, hd)
+        qb = q[b:b + 1].float().view(1, Hkv, H // Hkv, hd)
+        want[b] = ((qb @ kk.transpose(-1, -2) / hd**0.5).softmax(-1) @ vv).reshape(H, 1, hd)
+        sdpa = F.scaled_dot_product_attention(qb.to(ctx.dtype), kk.to(ctx.dtype), vv.to(ctx.dtype))
+        bf16_err = max(bf16_err, float((sdpa.reshape(H, 1, hd).float() - want[b]).abs().max()))
+    r[f"{title}, sdpa on gathered keys, max_err_vs_fp32"] = bf16_err
+    sampler = M.decode_kernel_options(B, Hkv, sms)
+    variants = {name + (" (the sampler's)" if options == sampler else ""): options
+                for name, options in variants.items()}  # (each variant is a compile)
+    case = {}
+    kv_bytes = sum(lengths) * Hkv * hd * 2 * ctx.dtype.itemsize
+    for name, options in variants.items():
+        try:
+            torch._dynamo.reset()
+            # on CPU the sampler runs it uncompiled (inductor's CPU flex template fails to build some of these
+            # masks), so the smoke test does too
+            fn = torch.compile(M._flex_decode, dynamic=False) if dev.type == "cuda" else M._flex_decode
+            got = fn(q, k, v, mask, options)
+            err = float((got.float() - want).abs().max())
+            launched = timed(ctx, lambda: fn(q, k, v, mask, options), 20)
+            s = graph_timed(ctx, lambda: fn(q, k, v, mask, options))
+            case[name] = {"us": 1e6 * s, "us_launched": 1e6 * launched, "of_copy_bandwidth": kv_bytes / s / bw,
+                          "max_err_vs_fp32": err, "ok": err <= 4 * bf16_err + 1e-4}
+        except Exception as e:
+            case[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"    {title}, {name}: {json.dumps(case[name])}", flush=True)
+    r[title] = case
+    ctx.write("decode", r)
+    del one
 
 
 def decode_rows(ctx: Ctx) -> tuple[int, ...]:
@@ -925,6 +955,15 @@ def section_sample(ctx: Ctx) -> dict:
     return bench_sample.device_cases(ours, hf, ctx.device, tiny=ctx.tiny, progress=lambda r: ctx.write("sample", r))
 
 
+def section_anatomy(ctx: Ctx) -> dict:
+    """The kernels of a captured decode step (bench_sample.anatomies), beside the step times of this run's
+    sample section if it ran."""
+    ours = M.load_pretrained(ctx.checkpoint(), device=ctx.device, dtype=ctx.dtype).eval()
+    step_ms = ctx.report["sections"].get("sample", {}).get("step_ms_by_batch")
+    return bench_sample.anatomies(ours, ctx.device, tiny=ctx.tiny, step_ms=step_ms,
+                                  progress=lambda r: ctx.write("anatomy", r))
+
+
 def section_evaluate(ctx: Ctx) -> dict:
     """evaluate.py end to end on the device, as the README runs it (one process): two bundled benchmarks, a few
     problems and samples, short generations (random weights write until the token limit); then the same
@@ -968,7 +1007,8 @@ def section_grade(ctx: Ctx) -> dict:
 
 SECTIONS = {"env": section_env, "parity": section_parity, "train": section_train, "resume": section_resume,
             "attention": section_attention, "profile": section_profile, "decode": section_decode,
-            "sample": section_sample, "grade": section_grade, "evaluate": section_evaluate}
+            "sample": section_sample, "anatomy": section_anatomy, "grade": section_grade,
+            "evaluate": section_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

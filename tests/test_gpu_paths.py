@@ -150,8 +150,8 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     report = json.loads(out.read_text())["sections"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["theirs"]
-    assert set(report) == {"env", "parity", "train", "resume", "attention", "profile", "decode", "sample", "grade",
-                           "evaluate"}
+    assert set(report) == {"env", "parity", "train", "resume", "attention", "profile", "decode", "sample", "anatomy",
+                           "grade", "evaluate"}
     assert report["grade"]["as_labelled"] and report["grade"]["cases"] > 400
     assert all("error" not in r and "partial" not in r for r in report.values())
     assert report["parity"]["greedy"]["ok"] and report["parity"]["causal"]["ok"] and report["parity"]["packed"]["ok"]
@@ -179,16 +179,17 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     # every case decoded all its rows at once (the KV pool holds them), as its name says
     assert [sample[k]["mean_rows"] for k in sample if k.startswith("batch")] == [1, 1, 8, 16]
     assert sample["long tail"]["mean_rows"] == 8 and sample["long tail"]["step_ms"] > 0
-    anatomy = sample["step anatomy, batch 1, uncaptured"]
+    anatomy = report["anatomy"]["step anatomy, batch 1, uncaptured"]
     assert anatomy["steps"] == 32 and anatomy["events_per_step"] > 0 and anatomy["top_per_step"]
-    assert "note" not in anatomy
-    assert sample["step anatomy, batch 8, uncaptured"]["steps"] == 32
+    assert "note" not in anatomy and anatomy["captured_step_ms"] == sample["step_ms_by_batch"]["1"] > 0
+    assert report["anatomy"]["step anatomy, batch 8, uncaptured"]["steps"] == 32
     ev = report["evaluate"]
     assert ev["generations"] == ev["expected_generations"] == 8 and ev["rerun_identical"]
     cases = [case for name, case in report["decode"].items()
              if isinstance(case, dict) and name not in ("gemms", "draw")]
     variants = [v for case in cases for v in case.values()]
-    assert len(variants) == 4 + 4 and all(v["ok"] for v in variants)  # two cases, four launch options each
+    assert len(variants) == 4 + 4 + 4 and all(v["ok"] for v in variants)  # three cases, four launch options each
+    assert "ragged positions" in list(report["decode"])[-4]  # the last case: rows of the long tail's lengths
     gemms = report["decode"]["gemms"]
     assert list(gemms) == ["1 rows", "4 rows"] and all(len(g) == 7 for g in gemms.values())
     assert all(v["us"] > 0 for g in gemms.values() for v in g.values())
