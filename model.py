@@ -666,16 +666,29 @@ class Qwen2Attention(nn.Module):
             self.q_norm = Qwen2RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = Qwen2RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values of x (B, T, hidden), RoPE applied: (B, H, T, hd), (B, Hkv, T, hd) x 2."""
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor,
+            fused: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of x (B, T, hidden), RoPE applied: (B, H, T, hd), (B, Hkv, T, hd) x 2.
+        fused: q_proj, k_proj and v_proj's weights (and biases) stacked (fused_qkv), for one matmul instead of
+        three (a decoding step at small batches reads each small weight with a kernel of its own)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, hd)
+        if fused is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, *fused).split([self.n_head * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def fused_qkv(self) -> tuple[Tensor, Tensor | None]:
+        """A copy of q_proj, k_proj and v_proj's weights ((H + 2 Hkv) hd, hidden) and biases stacked, for qkv."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([m.bias for m in projections]) if self.q_proj.bias is not None else None
+        return torch.cat([m.weight for m in projections]), bias
 
 
 class Qwen2MLP(nn.Module):
@@ -697,9 +710,10 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def attention_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def attention_inputs(self, x: Tensor, cos: Tensor, sin: Tensor,
+                         fused: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The block up to attention: q, k, v of the normed input x (B, T, hidden)."""
-        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin, fused)
 
     def after_attention(self, x: Tensor, y: Tensor) -> Tensor:
         """The block after attention, from its input x (B, T, hidden) and attention's output y (B, H, T, hd)."""
@@ -709,7 +723,8 @@ class Qwen2DecoderLayer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
         before, after = _compiled_regions() if getattr(cache, "compiled_regions", False) else \
             (Qwen2DecoderLayer.attention_inputs, Qwen2DecoderLayer.after_attention)
-        q, k, v = before(self, x, cos, sin)
+        fused = getattr(cache, "qkv_weights", None)  # a cache may hold each layer's fused_qkv
+        q, k, v = before(self, x, cos, sin, *([fused[self.self_attn.layer_idx]] if fused else []))
         if cache is not None:
             k, v = cache.update(self.self_attn.layer_idx, k, v)  # what the mask indexes: (B or 1, Hkv, S, hd)
         return after(self, x, attend(q, k, v, mask))

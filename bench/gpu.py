@@ -910,15 +910,16 @@ def decode_draw(ctx: Ctx, bw: float) -> dict:
 
 def decode_gemms(ctx: Ctx, bw: float) -> dict:
     """A decoding step's matmuls alone, at the rows of a decode step (1, 64, 256; tiny: 1, 4), bf16, replayed
-    from a CUDA graph: microseconds and the share of the copy bandwidth their weight reads reach. Also q, k, v
-    as one GEMM and gate, up as one, against the separate GEMMs the model runs: what fusing them would save
-    (fewer, larger reads; the batch-1 roofline counts each weight byte once)."""
+    from a CUDA graph: microseconds and the share of the copy bandwidth their weight reads reach. q, k, v as
+    one GEMM (the sampler's since 2026-11-27, model.Qwen2Attention.fused_qkv) and as the three the model ran
+    before, and gate, up as the two the model runs and as one: what fusing saves (fewer, larger reads; the
+    batch-1 roofline counts each weight byte once)."""
     c, dev = ctx.config, ctx.device
     d, f = c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     groups = {  # name: the (out, in, bias) GEMMs it runs one after the other
         "q, k, v (3 GEMMs)": [(q, d, True), (kv, d, True), (kv, d, True)],
-        "q, k, v fused (1 GEMM)": [(q + 2 * kv, d, True)],
+        "q, k, v fused (1 GEMM, the sampler's)": [(q + 2 * kv, d, True)],
         "o_proj": [(d, q, False)],
         "gate, up (2 GEMMs)": [(f, d, False), (f, d, False)],
         "gate, up fused (1 GEMM)": [(2 * f, d, False)],

@@ -108,6 +108,39 @@ def test_compiled_decoding_of_other_architectures(arch):
         assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("arch", [dict(model_type="qwen2"), dict(model_type="llama", num_key_value_heads=1),
+                                  dict(model_type="qwen3", head_dim=24)])
+def test_fused_qkv_projections_equal_the_separate_ones(arch):
+    """The sampler's one matmul on the stacked q/k/v weights (with Qwen2's biases, without Llama's, before
+    Qwen3's per-head norms) gives each layer's queries, keys and values as the three projections do."""
+    config = M.Qwen2Config(**(dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2) | arch))
+    attn = M.build_model(config, seed=0).model.layers[0].self_attn
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0.0, 0.3)
+        x = torch.randn(3, 5, 64)
+        cos, sin = M.rope_cos_sin(torch.arange(5)[None].expand(3, 5), config.head_dim, config.rope_theta)
+        for got, want in zip(attn.qkv(x, cos, sin, attn.fused_qkv()), attn.qkv(x, cos, sin)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_changed_between_streams_samples_with_its_new_weights(models):
+    """The fused q/k/v weights are the sampler's own copy: it takes them from the model again at each stream,
+    so weights changed in place (an optimizer step, a loaded state) or through .data are sampled with."""
+    ours, _ = models
+    model = M.build_model(ours.config, seed=0)
+    model.load_state_dict(ours.state_dict())
+    batch, params = prompts([4, 9]), S.SamplingParams(12, 1.0, seed=5)
+    sampler = S.Sampler(model, kv_gib=1.0)
+    before = sorted(sampler.stream(batch, params, n=2))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(-1)
+    model.model.layers[1].self_attn.q_proj.bias.data = torch.randn_like(model.model.layers[1].self_attn.q_proj.bias)
+    after = sorted(sampler.stream(batch, params, n=2))
+    assert after != before and after == sorted(S.Sampler(model, kv_gib=1.0).stream(batch, params, n=2))
+
+
 def test_stop_tokens_end_generation(models):
     ours, hf = models
     batch = prompts([6, 9, 4, 12], seed=3)
@@ -189,6 +222,8 @@ class FixedLogits(nn.Module):
                                     num_attention_heads=2)
         self.lm_head = nn.Linear(1, len(logits), bias=False)
         self.lm_head.weight.data = torch.tensor(logits, dtype=torch.float32)[:, None]
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList()  # no decoder layers (no q/k/v weights for the sampler to fuse)
 
     def forward(self, input_ids, position_ids=None, cache=None, return_hidden=False):
         return torch.ones(*input_ids.shape, 1)
