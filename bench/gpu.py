@@ -14,12 +14,12 @@
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
     PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,anatomy,resume \
         --resume-runs defaults --out $OUT/gpu2.json
-    # (if the per-document runs fail at once in call 1, call 2 adds `train` with
-    # --train-runs sft-compile-opsac-noreshard,sft-compile-opsac: the mask path with and without --no-reshard;
-    # call 2 may need more than 330 s, its sections estimated at ~440: sample ~275 (its long tail, the
-    # protocol's projection, ends it), grade ~15, decode ~60 (uniform and ragged attention, matmuls, the draw:
-    # what a decode step at 64 and 256 rows spends beyond its KV reads), anatomy ~40, resume ~40; if `status`
-    # after call 1 leaves more budget, give call 2's timeout that budget less ~25 s)
+    # (if a per-document run fails in call 1, that run and the queued ones run on the document mask instead,
+    # and the profile section profiles the mask twin of its run. Call 2 may need more than 330 s, its sections
+    # estimated at ~440: sample ~275 (its long tail, the protocol's projection, ends it), grade ~15, decode
+    # ~60 (uniform and ragged attention, matmuls, the draw: what a decode step at 64 and 256 rows spends
+    # beyond its KV reads), anatomy ~40, resume ~40; if `status` after call 1 leaves more budget, give call
+    # 2's timeout that budget less ~25 s)
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
@@ -111,6 +111,7 @@ class Ctx:
         self.resume_runs: tuple[str, ...] = tuple(resume_runs())
         self.attention_brief = False
         self.profile_run = "sft-compile-opsac"
+        self.perdoc_failed = False  # a train run with --attention per-document failed: later ones use the mask
         self.device = torch.device("cpu" if tiny else "cuda")
         self.dtype = torch.bfloat16
         self.tmp = tmp
@@ -453,11 +454,17 @@ def section_train(ctx: Ctx) -> dict:
             raise ValueError(f"unknown training runs {sorted(unknown)}; known: {', '.join(by_name)}, head")
         runs = [(name, *by_name[name]) for name in ctx.train_runs if name != "head"]
     r = {}
-    for name, *spec in runs:
+    while runs:
+        name, *spec = runs.pop(0)
         try:
             r[name] = train_run(ctx, name, *spec)
         except BaseException as e:  # SystemExit from train.py included: record it, go on
             r[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            if "-perdoc" in name:  # this run and the rest time the document mask (flex_attention) instead
+                ctx.perdoc_failed = True
+                twins = [n.replace("-perdoc", "") for n in [name] + [run[0] for run in runs]]
+                twins = [n if n in by_name else n.replace("-noreshard", "") for n in twins]  # (no REDI twin)
+                runs = [(n, *by_name[n]) for n in dict.fromkeys(twins) if n not in r]
         print(f"    {name}: {json.dumps(r[name])[:400]}", flush=True)
         ctx.write("train", r)
     # The paper's recipe on 8 GPUs at these rates, if its traces have these synthetic lengths (mean document
@@ -702,7 +709,7 @@ def section_profile(ctx: Ctx) -> dict:
     by kind of kernel, by phase of the step (PHASES: blocks, chunked head, optimizer, FSDP2), and the top
     kernels. Run after the train section in the same process, it reuses that run's compiled code."""
     from torch.profiler import ProfilerActivity, profile
-    name = ctx.profile_run
+    name = ctx.profile_run.replace("-perdoc", "") if ctx.perdoc_failed else ctx.profile_run
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
     prof = profile(activities=acts)
     stage, batch, lengths, budget, _, extra = train_runs(ctx)[name]

@@ -138,6 +138,37 @@ def test_rope_stays_fp32_under_fsdp2_mixed_precision():
     assert seen == [(torch.bfloat16, torch.float32)]
 
 
+def test_the_device_check_times_the_document_mask_once_per_document_attention_fails(tmp_path, monkeypatch):
+    """A lent GPU's call must not fail the same way three times: once a train run with --attention
+    per-document fails, that run and the queued ones run on the document mask instead, and the profile
+    section profiles the mask twin of its run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+    ran = []
+
+    def fake_run(ctx, name, *spec):
+        ran.append(name)
+        if "-perdoc" in name:
+            raise RuntimeError("cuDNN: no such graph")
+        return {"tokens_per_s": 1.0}
+    monkeypatch.setattr(gpu, "train_run", fake_run)
+    ctx = gpu.Ctx(True, tmp_path, tmp_path / "gpu.json")
+    ctx.train_runs = ("sft-compile-opsac-perdoc", "sft-compile-opsac-perdoc-noreshard",
+                      "redi-compile-opsac-perdoc-noreshard", "sft-compile-opsac")
+    r = gpu.section_train(ctx)
+    assert ran == ["sft-compile-opsac-perdoc", "sft-compile-opsac", "sft-compile-opsac-noreshard",
+                   "redi-compile-opsac"]
+    assert "cuDNN" in r["sft-compile-opsac-perdoc"]["error"] and ctx.perdoc_failed
+    assert all(r[name] == {"tokens_per_s": 1.0} for name in ran[1:])
+
+    def profiled(ctx, name, *spec, profiler):
+        raise RuntimeError(f"profiled {name}")
+    monkeypatch.setattr(gpu, "train_run", profiled)
+    ctx.profile_run = "sft-compile-opsac-perdoc-noreshard"
+    with pytest.raises(RuntimeError, match="^profiled profile-sft-compile-opsac-noreshard$"):
+        gpu.section_profile(ctx)
+
+
 def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     """bench/gpu.py --tiny: every section on a tiny config, so the script a GPU session runs first cannot rot.
     It works in a scratch directory of its own under --tmp and removes only that."""
