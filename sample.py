@@ -79,7 +79,7 @@ def exponentials(seed: int, prompt: Tensor, sample: Tensor, step: Tensor, vocab:
     return -u.log()
 
 
-# Copies of each top-p histogram, interleaved by token id (see _nucleus).
+# Copies of each top-p histogram, interleaved by token id (see _nucleus): at most this many.
 NUCLEUS_COPIES = 32
 
 
@@ -93,23 +93,25 @@ def _nucleus(probs: Tensor, top_p: float) -> Tensor:
     the lowest one whose mass above it (above the prefix, plus the higher digits' buckets) is below top_p.
     Three rounds of fixed-shape passes, no branch on values: ready for CUDA graphs.
 
-    Each histogram is built as NUCLEUS_COPIES copies, token v adding to copy v mod NUCLEUS_COPIES, then summed
-    (exact: integers). On a GPU a histogram is atomic adds, which serialize on one address, and a flat tail's
-    ~150k tokens share a few buckets: with one copy the 32 lanes of a warp, adjacent token ids, mostly add
-    to the same address. With 32 copies they add to 32 different ones."""
+    Each histogram is built as C copies, token v adding to copy v mod C, then summed (exact: integers). On a
+    GPU a histogram is atomic adds, which serialize on one address, and a flat tail's ~150k tokens share a
+    few buckets: with one copy the 32 lanes of a warp, adjacent token ids, mostly add to the same address.
+    With 32 copies they add to 32 different ones. C is NUCLEUS_COPIES, but at most one copy per 1,024 tokens
+    of the vocabulary, so the copies (B, C * 1024) never outgrow the masses (B, V)."""
     B, V = probs.shape
+    C = max(1, min(NUCLEUS_COPIES, V // 1024))
     bits = probs.view(torch.int32).long()  # (B, V), ordered like probs
     mass = (probs.double() * 2.0**52).long()  # (B, V), fixed point
     limit = math.ceil(top_p * 2.0**52)  # mass < top_p <=> fixed-point mass < limit
     prefix = torch.zeros(B, 1, dtype=torch.long, device=probs.device)  # t*'s digits so far
     above = torch.zeros_like(prefix)  # mass of the tokens above the prefix's range, < limit
-    offset = torch.arange(V, device=probs.device) % NUCLEUS_COPIES * 1024  # (V,) where token v's copy starts
+    offset = torch.arange(V, device=probs.device) % C * 1024  # (V,) where token v's copy starts
     for shift in (20, 10, 0):
         digit = (bits >> shift) & 1023  # (B, V)
         inside = (bits >> (shift + 10)) == prefix  # (B, V)
-        copies = torch.zeros(B, NUCLEUS_COPIES * 1024, dtype=torch.long, device=probs.device)
-        copies.scatter_add_(1, digit + offset, mass.where(inside, 0))  # (B, copies * 1024)
-        hist = copies.view(B, NUCLEUS_COPIES, 1024).sum(1)  # (B, 1024)
+        copies = torch.zeros(B, C * 1024, dtype=torch.long, device=probs.device)
+        copies.scatter_add_(1, digit + offset, mass.where(inside, 0))  # (B, C * 1024)
+        hist = copies.view(B, C, 1024).sum(1)  # (B, 1024)
         over = above + hist.flip(-1).cumsum(-1).flip(-1) - hist  # (B, 1024) mass above each bucket, non-increasing
         d = (over >= limit).sum(-1, keepdim=True)  # (B, 1) the lowest bucket with over < limit (over[1023] = above)
         above = over.gather(1, d)

@@ -332,6 +332,23 @@ def test_fast_truncation_equals_the_full_sort_statistically(top_k, top_p):
         assert torch.equal(S.draw(logits, params, *keys(1000, step)), reference_draw(logits, params, *keys(1000, step)))
 
 
+@pytest.mark.parametrize("rows, vocab", [(64, 8192), (8, 151936)])
+def test_the_nucleus_of_a_large_vocabulary_equals_the_full_sort(rows, vocab, monkeypatch):
+    """At 8k and at Qwen2's 151,936 tokens the histograms are built in several copies (sample.NUCLEUS_COPIES,
+    one per 1,024 tokens at most), which smaller vocabularies never use: the kept tokens are still the
+    reference's, and the same as with one copy, from flat rows (with exact ties) to peaked ones."""
+    assert vocab // 1024 >= 2  # several copies
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(rows, vocab, generator=g) * torch.logspace(-3, 1, rows)[:, None]
+    logits[::3] = (logits[::3] * 4).round()
+    for top_k, top_p in ((0, 0.95), (0, 0.3), (50, 0.9)):
+        keep = S.kept_tokens(logits, top_k, top_p)
+        assert torch.equal(keep, reference_kept(logits, top_k, top_p))
+        monkeypatch.setattr(S, "NUCLEUS_COPIES", 1)
+        assert torch.equal(S.kept_tokens(logits, top_k, top_p), keep)
+        monkeypatch.undo()
+
+
 def adversarial_logits():
     """Rows the nucleus could get wrong, named."""
     V = 64
