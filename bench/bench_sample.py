@@ -183,6 +183,16 @@ def trace_lengths(rng, n: int, mean: float, cap: int) -> np.ndarray:
     return np.minimum(rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, n), cap).astype(int) + 1
 
 
+def in_flight(rng, slots: int, tiny: bool) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Sequences in flight mid-run on reasoning-trace lengths (trace_lengths, mean 5,500 and cap 32,768; tiny:
+    40 and 160): each slot's trace drawn length-biased (a long trace holds its slot longer) and the tokens of it
+    already done, part-way through; with the mean and cap."""
+    mean, cap = (40, 160) if tiny else (5500, 32768)
+    pool = trace_lengths(rng, 100_000, mean, cap)
+    first = rng.choice(pool, size=slots, p=pool / pool.sum())  # length-biased
+    return first, (rng.uniform(size=slots) * first).astype(int), mean, cap
+
+
 def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw: dict) -> dict:
     """Steady-state throughput on reasoning-trace lengths, and the projected wall time of the paper's protocol.
 
@@ -191,12 +201,10 @@ def long_tail(model, device, tiny: bool, batch1_step_s: float | None, sampler_kw
     every finished sequence is replaced by a fresh one (150-token prompt, a new trace length). Timed over a
     window of decoding; tokens/s counts the refills' prefills, the host's bookkeeping and the decode, not the
     one-time compiling and capturing of a batch-size bucket first met in the window (reported apart)."""
-    mean, cap, slots, window = (40, 160, 8, 3.0) if tiny else (5500, 32768, 256, 30.0)
+    slots, window = (8, 3.0) if tiny else (256, 30.0)
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
-    pool = trace_lengths(rng, 100_000, mean, cap)
-    first = rng.choice(pool, size=slots, p=pool / pool.sum())  # length-biased
-    done = (rng.uniform(size=slots) * first).astype(int)
+    first, done, mean, cap = in_flight(rng, slots, tiny)
     fresh = trace_lengths(rng, 50 * slots, mean, cap)
     targets = list(first - done) + list(fresh)
     prompts = [rng.integers(10, V - 10, 150 + d).tolist() for d in done] + \

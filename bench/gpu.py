@@ -760,14 +760,11 @@ def section_profile(ctx: Ctx) -> dict:
 
 
 def ragged_lengths(rows: int, tiny: bool) -> list[int]:
-    """Context lengths of `rows` sequences in flight on the long-tail workload (bench_sample.long_tail): trace
-    lengths drawn length-biased (a long trace holds its slot longer), each part-way through, after a 150-token
-    prompt. At 256 rows: mean ~6k, the longest ~25-30k."""
-    mean, cap = (40, 160) if tiny else (5500, 32768)
-    rng = np.random.default_rng(0)
-    pool = bench_sample.trace_lengths(rng, 100_000, mean, cap)
-    first = rng.choice(pool, size=rows, p=pool / pool.sum())
-    return (150 + (rng.uniform(size=rows) * first).astype(int)).tolist()
+    """Context lengths of `rows` sequences in flight on the long-tail workload (bench_sample.in_flight, as
+    bench_sample.long_tail starts): each one's done part after a 150-token prompt. At 256 rows: mean ~6k, the
+    longest ~25-30k."""
+    _, done, _, _ = bench_sample.in_flight(np.random.default_rng(0), rows, tiny)
+    return (150 + done).tolist()
 
 
 @torch.no_grad()
