@@ -414,10 +414,10 @@ def train_runs(ctx: Ctx) -> dict[str, tuple]:
     """The training runs the train section can time, by name: (stage, global batch, (n, parts) document lengths,
     micro-batch tokens, steps, extra train.py arguments)."""
     tiny = ctx.tiny
-    budget, long = (512, 1024) if tiny else (16384, 32768)
-    sft_len = (np.array([[20, 100]] * 64) + np.arange(64)[:, None] % 7 if tiny
+    budget, long = (256, 512) if tiny else (16384, 32768)
+    sft_len = (np.array([[10, 50]] * 64) + np.arange(64)[:, None] % 7 if tiny
                else bench_train.realistic_lengths(256, 2))
-    pref_len = (np.array([[20, 80, 90]] * 64) + np.arange(64)[:, None] % 5 if tiny
+    pref_len = (np.array([[10, 40, 45]] * 64) + np.arange(64)[:, None] % 5 if tiny
                 else bench_train.realistic_lengths(256, 3))
     long_len = np.array([[50, long - 50]] * 8 if tiny else [[500, long - 500]] * 8)
     steps = 3 if tiny else 4  # compiled runs take 3 more: their steps 1, 2 and any one-document one compile
@@ -503,8 +503,8 @@ def section_resume(ctx: Ctx) -> dict:
     for d in (base, data):
         shutil.rmtree(d, ignore_errors=True)
     M.save_pretrained(M.build_model(config, dtype=ctx.dtype, seed=0), base, tokenizer_from=ctx.tokenizer)
-    budget = 256 if ctx.tiny else 4096
-    lengths = np.minimum(bench_train.realistic_lengths(32, 2) // (32 if ctx.tiny else 2), budget // 2)
+    budget = 128 if ctx.tiny else 4096
+    lengths = np.minimum(bench_train.realistic_lengths(32, 2) // (64 if ctx.tiny else 2), budget // 2)
     bench_train.synthetic_prepared(data, ctx.tokenizer / "tokenizer.json", "sft", lengths)
     shared = [sys.executable, str(ROOT / "train.py"), "--stage", "sft", "--model", str(base), "--data", str(data),
               "--batch-size", "8", "--micro-tokens", str(budget), "--max-len", str(budget), "--max-steps", "3",
