@@ -721,24 +721,65 @@ class Qwen2DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache: KVCache | None = None) -> Tensor:
-        before, after = _compiled_regions() if getattr(cache, "compiled_regions", False) else \
-            (Qwen2DecoderLayer.attention_inputs, Qwen2DecoderLayer.after_attention)
         fused = getattr(cache, "qkv_weights", None)  # a cache may hold each layer's fused_qkv
-        q, k, v = before(self, x, cos, sin, *([fused[self.self_attn.layer_idx]] if fused else []))
+        q, k, v = self.attention_inputs(x, cos, sin, fused[self.self_attn.layer_idx] if fused else None)
         if cache is not None:
             k, v = cache.update(self.self_attn.layer_idx, k, v)  # what the mask indexes: (B or 1, Hkv, S, hd)
-        return after(self, x, attend(q, k, v, mask))
+        return self.after_attention(x, attend(q, k, v, mask))
+
+
+def write_rows(k_pool: Tensor, v_pool: Tensor, rows: Tensor, k: Tensor, v: Tensor) -> None:
+    """Write keys and values k, v (B, Hkv, T, hd) into pools (Hkv, S, hd) at pool rows (B * T,), row-major."""
+    Hkv, hd = k.shape[1], k.shape[3]
+    k_pool.index_copy_(1, rows, k.transpose(0, 1).reshape(Hkv, -1, hd))
+    v_pool.index_copy_(1, rows, v.transpose(0, 1).reshape(Hkv, -1, hd))
+
+
+def _inputs_written(layer: Qwen2DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor,
+                    fused: tuple[Tensor, Tensor | None] | None, k_pool: Tensor, v_pool: Tensor,
+                    rows: Tensor) -> Tensor:
+    """A layer up to attention, its keys and values written to the pool: the queries."""
+    q, k, v = layer.attention_inputs(x, cos, sin, fused)
+    write_rows(k_pool, v_pool, rows, k, v)
+    return q
+
+
+def _between_attentions(layer: Qwen2DecoderLayer, following: Qwen2DecoderLayer, x: Tensor, y: Tensor, cos: Tensor,
+                        sin: Tensor, fused: tuple[Tensor, Tensor | None] | None, k_pool: Tensor, v_pool: Tensor,
+                        rows: Tensor) -> tuple[Tensor, Tensor]:
+    """From one layer's attention output y to the next layer's queries, its keys and values written: the
+    residual stream x and the queries."""
+    x = layer.after_attention(x, y)
+    return x, _inputs_written(following, x, cos, sin, fused, k_pool, v_pool, rows)
+
+
+def _after_last_attention(layer: Qwen2DecoderLayer, norm: Qwen2RMSNorm, x: Tensor, y: Tensor) -> Tensor:
+    return norm(layer.after_attention(x, y))
 
 
 @functools.cache
 def _compiled_regions():
-    # A decoding step's elementwise work (fp32 RMSNorm and RoPE, biases, residuals, SwiGLU) is ~40 small
-    # kernels per layer uncompiled, and at small batches their launches, not the weight reads, set the pace
-    # even inside a CUDA graph. Compiled, each side of attention becomes a few fused kernels around the
-    # matmuls. Attention itself, with the cache write, stays outside: it has its own compiled kernel. The
-    # functions take the layer as an argument, so all layers share one graph; the batch is dynamic.
-    return (torch.compile(Qwen2DecoderLayer.attention_inputs, dynamic=True),
-            torch.compile(Qwen2DecoderLayer.after_attention, dynamic=True))
+    # A decoding step's elementwise work (fp32 RMSNorm and RoPE, biases, residuals, SwiGLU, the cache write)
+    # is ~40 small kernels per layer uncompiled, and at small batches their launches, not the weight reads,
+    # set the pace even inside a CUDA graph. Compiled from one attention to the next, each becomes a few
+    # fused kernels around the matmuls: a layer's last residual add fuses with the next layer's RMSNorm, and
+    # the cache write with RoPE. Attention itself has its own compiled kernel. The functions take the layers
+    # as arguments, so all layers share one graph; the batch is dynamic.
+    return tuple(torch.compile(f, dynamic=True) for f in (_inputs_written, _between_attentions, _after_last_attention))
+
+
+def decode_layers(model: Qwen2Model, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache) -> Tensor:
+    """The layers and final norm of a decoding forward, compiled between attentions (_compiled_regions), on a
+    cache that hands out each layer's pools and write rows (`write_target`) and what attention reads after
+    the write (`read`)."""
+    first, between, last = _compiled_regions()
+    layers, fused = model.layers, getattr(cache, "qkv_weights", None) or [None] * len(model.layers)
+    q = first(layers[0], x, cos, sin, fused[0], *cache.write_target(0))
+    for i, layer in enumerate(layers):
+        y = attend(q, *cache.read(i), mask)
+        if i + 1 < len(layers):
+            x, q = between(layer, layers[i + 1], x, y, cos, sin, fused[i + 1], *cache.write_target(i + 1))
+    return last(layers[-1], model.norm, x, y)
 
 
 class Qwen2Model(nn.Module):
@@ -786,7 +827,7 @@ class Qwen2ForCausalLM(nn.Module):
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
         cache: decode with a KV cache (KVCache, or any object with its begin/update/advance methods, like the
             sampler's paged cache); positions default to continuing each row's cached length. A cache whose
-            `compiled_regions` is true has the layers run compiled around attention (_compiled_regions).
+            `compiled_regions` is true has the layers run compiled between attentions (decode_layers).
         doc_lengths: the lengths of the documents packed in a single row, known on the host (with
             position_ids): attention then runs one document at a time (doc_attention, cuDNN on CUDA) instead
             of through a document mask.
@@ -816,9 +857,12 @@ class Qwen2ForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
-        x = self.model.norm(x)
+        if getattr(cache, "compiled_regions", False):
+            x = decode_layers(self.model, x, cos, sin, mask, cache)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, cache)
+            x = self.model.norm(x)
         if cache is not None:
             cache.advance(position_ids)
         return x if return_hidden else self.lm_head(x)

@@ -191,7 +191,7 @@ class PagedKVCache:
         self.refs = [0] * n_blocks
         self.fresh = [0]  # blocks to zero before the next forward
         self._slots_written: Tensor | None = None  # prefill: the pool rows of the new tokens
-        self.compile_decoding = False  # decode forwards run the layers compiled around attention (the Sampler's)
+        self.compile_decoding = False  # decode forwards run the layers compiled between attentions (the Sampler's)
         self.qkv_weights: list[tuple[Tensor, Tensor | None]] | None = None  # each layer's fused_qkv (the Sampler's)
         self.rows = 0  # decode buffers' capacity in rows (decode_buffers: once, by the Sampler)
 
@@ -267,7 +267,8 @@ class PagedKVCache:
         self.logical[:n].fill_(-1)
         self.logical[row, block] = col.int()
 
-    # the model's cache protocol: begin runs once per forward, update once per layer
+    # the model's cache protocol: begin runs once per forward, then update once per layer (write_target and read
+    # instead where compiled_regions is true: model.decode_layers writes inside its compiled regions)
     @property
     def compiled_regions(self) -> bool:
         return self.compile_decoding and self._slots_written is None
@@ -314,14 +315,20 @@ class PagedKVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, Hkv, T, hd) at their pool rows; return what this forward's mask indexes: the new keys
-        themselves (prefill), the whole pool (1, Hkv, S_pool, hd) (in place) or the gathered rows (B, Hkv, S, hd)."""
-        B, Hkv, T, hd = k.shape
-        self.k[layer].index_copy_(1, self._write, k.transpose(0, 1).reshape(Hkv, B * T, hd))
-        self.v[layer].index_copy_(1, self._write, v.transpose(0, 1).reshape(Hkv, B * T, hd))
-        if self._slots_written is not None:
-            return k, v
+        themselves (prefill), else what `read` returns."""
+        model_lib.write_rows(*self.write_target(layer), k, v)
+        return (k, v) if self._slots_written is not None else self.read(layer)
+
+    def write_target(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's key and value pools (Hkv, S_pool, hd) and the pool rows (B * T,) this forward writes."""
+        return self.k[layer], self.v[layer], self._write
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        """What a decoding forward's mask indexes, once the layer's keys are written: the whole pool
+        (1, Hkv, S_pool, hd) (in place) or each row's gathered positions (B, Hkv, S, hd)."""
         if self.in_place:
             return self.k[layer][None], self.v[layer][None]
+        B, Hkv, hd = self._read.shape[0], self.k.shape[1], self.k.shape[3]
         read = self._read.flatten()
         return (self.k[layer].index_select(1, read).view(Hkv, B, -1, hd).transpose(0, 1),
                 self.v[layer].index_select(1, read).view(Hkv, B, -1, hd).transpose(0, 1))  # (B, Hkv, S, hd)
@@ -362,7 +369,7 @@ class Sampler:
     prompt tokens prefilled together in one packed forward. cuda_graphs: capture the decode step (all layers,
     the head and the draw) in CUDA graphs, one per batch-size bucket, with the draw compiled (default on
     GPU: its ~70 passes over (B, vocab) fuse into a few). compile: run each decoding step's layers compiled
-    around attention (model._compiled_regions; default: with cuda_graphs), and on GPU the draw. in_place: decode
+    between attentions (model.decode_layers; default: with cuda_graphs), and on GPU the draw. in_place: decode
     attention reads the KV pool in place (default on GPU; on CPU it is exact too, but flex_attention runs
     uncompiled there and is slower than gathering). With cuda_graphs, compile and in_place all False, nothing
     is compiled, on GPU too: prefill then gathers each prompt's tokens for SDPA as on CPU.

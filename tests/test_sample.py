@@ -69,7 +69,7 @@ def test_greedy_matches_transformers(models, max_slots, blocks, in_place):
 
 
 def test_compiled_decoding_equals_the_eager_path(models):
-    """Sampler(compile=True), the GPU default: each decoding step's layers run compiled around attention, one
+    """Sampler(compile=True), the GPU default: each decoding step's layers run compiled between attentions, one
     graph for all layers, with batch sizes changing as sequences finish and are preempted. Greedy output is
     still transformers' token for token, and sampled output the uncompiled sampler's, on both attention paths."""
     ours, hf = models
@@ -106,6 +106,25 @@ def test_compiled_decoding_of_other_architectures(arch):
         runs = [sorted(S.Sampler(model, kv_gib=pool_gib(model, 200), max_slots=4, block_size=4,
                                  compile=compile).stream(prompts([5, 12, 3]), params, n=2)) for compile in (False, True)]
         assert runs[0] == runs[1]
+
+
+def test_compiled_decoding_compiles_once_for_every_depth():
+    """The compiled regions take the layers as arguments: a model of the same shapes but three times deeper
+    compiles nothing new, and decodes as its uncompiled self (the cache writes happen inside the regions)."""
+    from torch._dynamo.utils import counters
+    runs = []
+    for depth in (2, 6):
+        config = M.Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=depth,
+                               num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=True)
+        model = M.build_model(config, seed=depth)
+        frames = counters["frames"]["total"]
+        params = S.SamplingParams(12, 1.0, 0.8, seed=1)
+        runs.append([sorted(S.Sampler(model, kv_gib=pool_gib(model, 100), max_slots=4, block_size=4, in_place=True,
+                                      compile=compile).stream(prompts([4, 9, 2]), params, n=2))
+                     for compile in (True, False)])
+        compiled = counters["frames"]["total"] - frames
+    assert compiled == 0
+    assert all(r[0] == r[1] for r in runs)
 
 
 @pytest.mark.parametrize("arch", [dict(model_type="qwen2"), dict(model_type="llama", num_key_value_heads=1),
