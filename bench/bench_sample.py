@@ -158,9 +158,9 @@ def decode_rate_ours(model, prompts, new: int, params_kw: dict, **sampler_kw) ->
     list(sampler.stream([p[:16] for p in prompts], S.SamplingParams(2 * sampler.sync_every + 1, **params_kw)))
     sampler.generated, sampler.decode_s, sampler.capture_s = 0, 0.0, 0.0
     sampler.steps_decoded, sampler.rows_decoded, sampler.preemptions = 0, 0, 0
-    list(sampler.stream(prompts, S.SamplingParams(new + 1, **params_kw)))
+    out = sorted(sampler.stream(prompts, S.SamplingParams(new + 1, **params_kw)))
     decode_s = sampler.decode_s - sampler.capture_s
-    return {"tok_s": sampler.generated / decode_s, "capture_s": sampler.capture_s,
+    return {"tokens": [t for _, _, t in out], "tok_s": sampler.generated / decode_s, "capture_s": sampler.capture_s,
             "mean_rows": sampler.rows_decoded / sampler.steps_decoded, "step_s": decode_s / sampler.steps_decoded,
             "preemptions": sampler.preemptions, "kv_gib": sampler_kw.get("kv_gib")}
 
@@ -316,10 +316,13 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
     cases = ([(1, 64, 16), (8, 200, 16), (16, 200, 8)] if tiny
              else [(1, 1000, 128), (64, 8000, 64), (256, 8000, 32)])  # (batch, prompt tokens, new tokens)
     cases.insert(1, cases[0] + ({"compile": False},))  # batch 1 again, the layers uncompiled: what compiling gives
+    # (on the same prompt: its tokens should be the compiled case's, up to a near-tie in the race rounding
+    # differently, which random weights' near-flat logits make likely only after tens of steps)
     r = {"copy_gb_s": bw / 1e9}
     # transformers as torch picks its attention (cuDNN first on Hopper with torch 2.11; cuDNN builds a graph
     # for each new key length, and a decode step's is new at every step), and without cuDNN (model.py's choice)
     hf_rate, hf_no_cudnn, step_s = {}, {}, {}  # step_s: seconds per captured decode step, by batch
+    compiled_tokens = None  # the tokens of the batch-1 case
     mode = {"kv_gib": 0.05, "compile": True} if tiny else {}  # tiny (CPU): the GPU default, compiled layers
     # on a first GPU run, what fails is recorded and the case measured again without it: the compiled layers
     # first, then CUDA graphs
@@ -327,7 +330,8 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
     for B, prompt_len, new, *extra in cases:
         extra = extra[0] if extra else {}
         name = f"batch {B}, {prompt_len}-token prompts, {new} new tokens" + (", layers uncompiled" if extra else "")
-        prompts = torch.randint(10, V - 10, (B, prompt_len), generator=g).tolist()
+        if not extra:
+            prompts = torch.randint(10, V - 10, (B, prompt_len), generator=g).tolist()
         try:
             hf_B = min(B, 64)  # transformers runs a batch of 256 x 8k as 4 batches of 64 (fits in memory)
             if hf_B not in hf_rate:
@@ -365,12 +369,17 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
                             "speedup_vs_no_cudnn": ours_tps / hf_no_cudnn[hf_B]}
                 no_cudnn = f", without cuDNN attention {hf_no_cudnn[hf_B]:,.0f} tok/s"
             if not extra:
-                step_s[B] = got["step_s"]
+                step_s[B], compiled_tokens = got["step_s"], got["tokens"]
+            elif compiled_tokens is not None:  # the compiled case's prompt, uncompiled
+                r[name]["identical_tokens_with_compiled"] = next(
+                    (i for i, (a, b) in enumerate(zip(got["tokens"][0], compiled_tokens[0])) if a != b), new + 1)
             print(f"  {name}: transformers (batch {hf_B}) {hf_rate[hf_B]:,.0f} tok/s{no_cudnn} | ours "
                   f"{ours_tps:,.0f} tok/s ({ours_tps / hf_rate[hf_B]:.2f}x"
                   + (f", {ours_tps / hf_no_cudnn[hf_B]:.2f}x" if no_cudnn else "")
                   + f") | roofline {roof:,.0f} tok/s ({100 * ours_tps / roof:.0f}%) | {got['mean_rows']:.0f} rows per "
-                  f"step, {1e3 * got['step_s']:.2f} ms, {got['preemptions']} preemptions", flush=True)
+                  f"step, {1e3 * got['step_s']:.2f} ms, {got['preemptions']} preemptions"
+                  + (f", the compiled case's first {r[name]['identical_tokens_with_compiled']} tokens"
+                     if "identical_tokens_with_compiled" in r[name] else ""), flush=True)
         except Exception as e:  # an out-of-memory error at one size should not hide the others
             r[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  {name}: {r[name]['error']}", flush=True)

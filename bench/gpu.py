@@ -12,14 +12,16 @@
     PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
         --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
         --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,anatomy,resume \
-        --resume-runs defaults --out $OUT/gpu2.json
+    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,parity,anatomy,resume \
+        --parity greedy --resume-runs defaults --out $OUT/gpu2.json
     # (if a per-document run fails in call 1, that run and the queued ones run on the document mask instead,
     # and the profile section profiles the mask twin of its run. Call 2 may need more than 330 s, its sections
-    # estimated at ~440: sample ~275 (its long tail, the protocol's projection, ends it), grade ~15, decode
+    # estimated at ~480: sample ~275 (its long tail, the protocol's projection, ends it), grade ~15, decode
     # ~60 (uniform and ragged attention, matmuls, the draw: what a decode step at 64 and 256 rows spends
-    # beyond its KV reads), anatomy ~40, resume ~40; if `status` after call 1 leaves more budget, give call
-    # 2's timeout that budget less ~25 s)
+    # beyond its KV reads), parity greedy ~40 (the decoding step compiled between attentions, new since the
+    # last GPU run, against transformers' fp32 argmax; the sample section's uncompiled batch-1 case already
+    # says how many tokens it shares with the compiled one), anatomy ~40, resume ~40; if `status` after call
+    # 1 leaves more budget, give call 2's timeout that budget less ~25 s)
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still

@@ -206,6 +206,9 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     sample = report["sample"]
     assert all(sample[k]["ours_tok_s"] > 0 for k in sample if k.startswith("batch"))
     assert [sample[k]["compiled_layers"] for k in sample if k.startswith("batch 1,")] == [True, False]
+    # the uncompiled batch-1 case decodes the compiled one's prompt: the same first token (both prefill alike)
+    uncompiled = sample["batch 1, 64-token prompts, 16 new tokens, layers uncompiled"]
+    assert 1 <= uncompiled["identical_tokens_with_compiled"] <= 17
     assert sample["long tail"]["tokens"] > 0 and sample["long tail"]["projected_h_8_gpus"] > 0
     # every case decoded all its rows at once (the KV pool holds them), as its name says
     assert [sample[k]["mean_rows"] for k in sample if k.startswith("batch")] == [1, 1, 8, 16]
