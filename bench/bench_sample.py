@@ -145,8 +145,9 @@ def decode_rate_ours(model, prompts, new: int, params_kw: dict, **sampler_kw) ->
     """Our decode tokens/s: tokens decoded over the time spent decoding (prefill excluded, as for
     transformers), after a warm-up run of the same batch size that compiles and captures what it needs; the
     seconds of compiling and capturing the timed run still did (excluded from the rate; 0 when the warm-up
-    covered it); the mean rows decoded per step, the seconds per step, and the preemptions. Until 2026-11-26
-    the warm-up's other length limit made the timed run capture its graph again, inside the timed time.
+    covered it); the mean rows decoded per step, the seconds per step, the preemptions, and the tokens of the
+    timed run (by prompt). Until 2026-11-26 the warm-up's other length limit made the timed run capture its
+    graph again, inside the timed time.
 
     On GPU the KV pool is sized to hold every row at once (at most 90% of free memory): with the default
     (70% of free memory) 256 rows of 8k tokens did not fit an H100 beside transformers' copy of the model,
