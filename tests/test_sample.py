@@ -112,7 +112,7 @@ def test_compiled_decoding_compiles_once_for_every_depth():
     """The compiled regions take the layers as arguments: a model of the same shapes but three times deeper
     compiles nothing new, and decodes as its uncompiled self (the cache writes happen inside the regions)."""
     from torch._dynamo.utils import counters
-    runs = []
+    runs, compiled = [], []
     for depth in (2, 6):
         config = M.Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=depth,
                                num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=True)
@@ -122,8 +122,8 @@ def test_compiled_decoding_compiles_once_for_every_depth():
         runs.append([sorted(S.Sampler(model, kv_gib=pool_gib(model, 100), max_slots=4, block_size=4, in_place=True,
                                       compile=compile).stream(prompts([4, 9, 2]), params, n=2))
                      for compile in (True, False)])
-        compiled = counters["frames"]["total"] - frames
-    assert compiled == 0
+        compiled.append(counters["frames"]["total"] - frames)
+    assert compiled[0] > 0 and compiled[1] == 0  # (the first: not past dynamo's recompile limit, so compiled)
     assert all(r[0] == r[1] for r in runs)
 
 
