@@ -323,7 +323,7 @@ def device_cases(ours, hf, device, tiny: bool = False, progress=None) -> dict:
     # transformers as torch picks its attention (cuDNN first on Hopper with torch 2.11; cuDNN builds a graph
     # for each new key length, and a decode step's is new at every step), and without cuDNN (model.py's choice)
     hf_rate, hf_no_cudnn, step_s = {}, {}, {}  # step_s: seconds per captured decode step, by batch
-    compiled_tokens = None  # the tokens of the batch-1 case
+    compiled_tokens = None  # the last compiled case's tokens (batch 1 when the uncompiled case reads them)
     mode = {"kv_gib": 0.05, "compile": True} if tiny else {}  # tiny (CPU): the GPU default, compiled layers
     # on a first GPU run, what fails is recorded and the case measured again without it: the compiled layers
     # first, then CUDA graphs
