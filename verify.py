@@ -29,7 +29,8 @@ Policies (a reviewer should know these; each is what a careful human grader does
     142.0 are exact.
   - percent: a side written with % is compared both as the bare number and divided by 100
     (gold 62.5\\% accepts 62.5, 62.5\\% and 0.625). Degrees likewise (30^\\circ accepts 30 and \\pi/6).
-  - equations: `x = 5` matches `5` (a lone symbol or f(x) on one side is a name, not content);
+  - equations: `x = 5` matches `5` (a lone symbol or f(x) on one side is a name, not content; so is a label
+    made of symbols multiplied or divided, beside a constant: `AB = 5`, `|AB| = 5`, `AP:PB = 1:2`);
     two equations match if their differences are proportional (the same line or plane written
     differently). Inequalities in one variable compare as sets (x \\ge 2 == [2, \\infty)), otherwise
     by positive proportionality in the same direction.
@@ -1800,9 +1801,14 @@ def _is_name(v) -> bool:
 
 
 def _is_name_product(v) -> bool:
-    """`\\angle BEA_1`: a product of symbols, the label of a quantity rather than an expression."""
-    return isinstance(v, sympy.Expr) and (isinstance(v, sympy.Symbol) or (
-        v.is_Mul and all(isinstance(f, sympy.Symbol) for f in v.args)))
+    """`\\angle BEA_1`, `|AB|`, `AP:PB`, `\\frac{NO}{BO}`: symbols multiplied, divided and in absolute value
+    only, the label of a quantity (a segment, an angle, a ratio of two) rather than an expression."""
+    if isinstance(v, sympy.Abs):
+        v = v.args[0]
+    factors = v.args if isinstance(v, sympy.Mul) else (v,)
+    return isinstance(v, sympy.Expr) and any(isinstance(f, sympy.Symbol) for f in factors) and all(
+        isinstance(f, sympy.Symbol) or (isinstance(f, sympy.Pow) and isinstance(f.base, sympy.Symbol) and f.exp == -1)
+        for f in factors)
 
 
 def _rel_values(r: _Rel) -> list:
