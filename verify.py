@@ -753,19 +753,39 @@ def _checked(v: sympy.Expr) -> sympy.Expr:
     return v
 
 
-def _add(a, b) -> sympy.Expr:
+def _add(a, b) -> sympy.Expr | _Mat:
+    if isinstance(a, _Mat) or isinstance(b, _Mat):  # A + B, entrywise
+        if not (isinstance(a, _Mat) and isinstance(b, _Mat)) or _shape(a) != _shape(b):
+            raise _ParseError("sum of a matrix and a non-matrix of its shape")
+        return _Mat(tuple(tuple(_add(x, y) for x, y in zip(ra, rb)) for ra, rb in zip(a.rows, b.rows)))
     return _checked(sympy.Add(_expr(a), _expr(b)))
 
 
-def _mul(a, b) -> sympy.Expr:
+def _mul(a, b) -> sympy.Expr | _Mat:
+    """a * b; with matrices: a scalar times a matrix (`\\frac{1}{3}\\begin{pmatrix}1\\\\2\\end{pmatrix}`), or a matrix
+    product of compatible shapes."""
+    if isinstance(a, _Mat) and isinstance(b, _Mat):
+        if _shape(a)[1] != _shape(b)[0]:
+            raise _ParseError("matrix product of incompatible shapes")
+        return _Mat(tuple(tuple(functools.reduce(_add, (_mul(x, y) for x, y in zip(row, col)))
+                                for col in zip(*b.rows)) for row in a.rows))
+    if isinstance(a, _Mat) or isinstance(b, _Mat):
+        m, c = (a, _expr(b)) if isinstance(a, _Mat) else (b, _expr(a))
+        return _Mat(tuple(tuple(_mul(c, x) for x in row) for row in m.rows))
     return _checked(sympy.Mul(_expr(a), _expr(b)))
 
 
-def _neg(a) -> sympy.Expr:
+def _shape(m: _Mat) -> tuple[int, int]:
+    return len(m.rows), len(m.rows[0])
+
+
+def _neg(a) -> sympy.Expr | _Mat:
+    if isinstance(a, _Mat):
+        return _mul(S.NegativeOne, a)
     return _checked(-_expr(a))
 
 
-def _div(a, b) -> sympy.Expr:
+def _div(a, b) -> sympy.Expr | _Mat:
     b = _expr(b)
     if b.is_zero:
         raise _ParseError("division by zero")

@@ -370,6 +370,17 @@ HAND = [
     ("matrix", r"\begin{pmatrix}0.2\\-3.6\end{pmatrix}", r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", T),
     ("matrix", r"\begin{pmatrix} -2 \\ -14 \\ -7 \end{pmatrix}", r"\begin{pmatrix} -2 \\ -14 \\ -7 \end{pmatrix}", T),
     ("matrix", r"\begin{pmatrix} 2 \\ 14 \\ 7 \end{pmatrix}", r"\begin{pmatrix} -2 \\ -14 \\ -7 \end{pmatrix}", F),
+    # a scalar factored out, a sum or a product left unevaluated: the same matrix
+    ("matrix", r"\frac{1}{3}\begin{pmatrix} -1 \\ 2 \\ 5 \end{pmatrix}", r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", T),
+    ("matrix", r"-\frac{1}{3}\begin{pmatrix} -1 \\ 2 \\ 5 \end{pmatrix}", r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", F),
+    ("matrix", r"\begin{pmatrix} 2 \\ 28 \\ 14 \end{pmatrix} / (-2)", r"\begin{pmatrix} -1 \\ -14 \\ -7 \end{pmatrix}", T),
+    ("matrix", r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix} + \begin{pmatrix} 5 & 6 \\ 7 & 8 \end{pmatrix}",
+     r"\begin{pmatrix} 6 & 8 \\ 10 & 12 \end{pmatrix}", T),
+    ("matrix", r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix} \begin{pmatrix} 0 & 1 \\ 1 & 0 \end{pmatrix}",
+     r"\begin{pmatrix} 2 & 1 \\ 4 & 3 \end{pmatrix}", T),
+    ("matrix", r"\begin{pmatrix} 0 & 1 \\ 1 & 0 \end{pmatrix} \begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}",
+     r"\begin{pmatrix} 2 & 1 \\ 4 & 3 \end{pmatrix}", F),
+    ("matrix", r"\begin{pmatrix} 2 \\ 4 \end{pmatrix} + 1", r"\begin{pmatrix} 3 \\ 5 \end{pmatrix}", F),
 
     # multiple choice
     ("choice", "C", r"\text{(C)}", T), ("choice", "(C)", r"\text{(C)}", T),
