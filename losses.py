@@ -92,6 +92,26 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
+def _head_grads(hidden: Tensor, weight: Tensor, need_h: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Zeroed buffers for the head's gradients: (N, H) for the hidden states, (V, H) fp32 for the weight."""
+    return (torch.empty_like(hidden) if need_h else None,
+            torch.zeros_like(weight, dtype=torch.float32) if need_w else None)
+
+
+def _add_chunk_grads(c: slice, logits: Tensor, lse: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
+                     grad: Tensor, dlogits_of, grad_h: Tensor | None, grad_w: Tensor | None) -> None:
+    """Writes chunk c's rows of grad_h and adds its share to grad_w, from its logits (c, V) and logsumexp (c,),
+    for the upstream gradient `grad` (N,) of the log-probs."""
+    h = hidden[c]
+    dlogits = dlogits_of(logits, lse, targets[c], grad[c])  # (c, V)
+    if grad_h is not None:
+        grad_h[c] = dlogits @ weight  # (c, H)
+    if grad_w is not None and _addmm_into_fp32(hidden.device):  # (V, H): one GEMM accumulating in fp32
+        torch.addmm(grad_w, dlogits.T, h, out_dtype=torch.float32, out=grad_w)
+    elif grad_w is not None:
+        grad_w += dlogits.T @ h  # (V, H), the product rounded to the weight's dtype, then added
+
+
 class _ChunkedTokenLogProbs(torch.autograd.Function):
     """log softmax(h W^T)[target] computed `chunk` rows at a time, forward and backward.
 
@@ -113,21 +133,42 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
         dlogits_of = _compiled(_dlogits) if ctx.compile else _dlogits
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        fp32_gemm = need_w and _addmm_into_fp32(hidden.device)
+        grad_h, grad_w = _head_grads(hidden, weight, *ctx.needs_input_grad[:2])
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h, c = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
-            dlogits = dlogits_of(h @ weight.T, lse[c], targets[c], grad[c])  # (c, V), recomputed logits
-            if need_h:
-                grad_h[c] = dlogits @ weight  # (c, H)
-            if fp32_gemm:  # (V, H): one GEMM accumulating in fp32
-                torch.addmm(grad_w, dlogits.T, h, out_dtype=torch.float32, out=grad_w)
-            elif need_w:
-                grad_w += dlogits.T @ h  # (V, H), the product rounded to the weight's dtype, then added
-        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
+            c = slice(s, s + ctx.chunk)
+            _add_chunk_grads(c, hidden[c] @ weight.T, lse[c], hidden, weight, targets, grad, dlogits_of,
+                             grad_h, grad_w)  # recomputed logits
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None
+
+
+class _LinearLossHead(torch.autograd.Function):
+    """The chunked head for a loss linear in the token log-probs, with the token weights `grad` (its gradient)
+    known before the forward: each chunk's gradients are taken from its logits while they exist, so nothing
+    is recomputed. Outputs the log-probs (N,), not differentiable, and a zero scalar that carries the loss's
+    gradient: the backward scales the gradients computed in the forward by the zero's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, grad: Tensor, chunk: int,
+                compile: bool) -> tuple[Tensor, Tensor]:
+        pick = _compiled(_logsumexp_and_pick) if compile else _logsumexp_and_pick
+        dlogits_of = _compiled(_dlogits) if compile else _dlogits
+        logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        grad_h, grad_w = _head_grads(hidden, weight, *ctx.needs_input_grad[:2])
+        for s in range(0, hidden.shape[0], chunk):
+            c = slice(s, s + chunk)
+            logits = hidden[c] @ weight.T  # (c, V)
+            lse, logp[c] = pick(logits, targets[c])
+            _add_chunk_grads(c, logits, lse, hidden, weight, targets, grad, dlogits_of, grad_h, grad_w)
+        ctx.mark_non_differentiable(logp)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        return logp, logp.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _: Tensor, scale: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * scale if grad_h is not None else None, grad_w * scale if grad_w is not None else None,
+                None, None, None, None)
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024,
@@ -136,3 +177,19 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int =
     (N,) target ids -> (N,) fp32 log-probs. Targets must be valid ids; mask unwanted positions afterwards.
     compile: fuse each chunk's softmax work with torch.compile (default: on CUDA)."""
     return _ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk, hidden.is_cuda if compile is None else compile)
+
+
+def token_logprobs_linear_loss(hidden: Tensor, weight: Tensor, targets: Tensor, loss_of, chunk: int = 1024,
+                               compile: bool | None = None) -> tuple[Tensor, Tensor]:
+    """token_logprobs followed by loss_of, for a loss linear (affine) in the token log-probs, as SFT's Eq. (1)
+    and REDI's Eq. (5) are: (N,) log-probs (not differentiable) and the loss, whose backward gives the same
+    gradients, bit for bit, without recomputing the logits: a third of the head's GEMMs.
+
+    loss_of: (N,) fp32 token log-probs -> scalar. Its gradient, the weight of each token in the loss, does not
+    depend on the log-probs; autograd reads it once, at zero, before the head runs."""
+    probe = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device, requires_grad=True)
+    with torch.enable_grad():
+        grad, = torch.autograd.grad(loss_of(probe), probe, allow_unused=True, materialize_grads=True)
+    logp, zero = _LinearLossHead.apply(hidden, weight, targets, grad, chunk,
+                                       hidden.is_cuda if compile is None else compile)
+    return logp, loss_of(logp) + zero

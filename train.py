@@ -57,6 +57,8 @@ STAGE_DEFAULTS = {
     "dpo": dict(lr=2e-7, batch_size=32, epochs=1, max_len=19800, beta=0.001),
     "simpo": dict(lr=5e-7, batch_size=32, epochs=1, max_len=19800, beta=2.0, gamma=1.0),
 }
+# The stages whose loss is linear in the log-probs (Eq. 1, Eq. 5): the head takes their gradient in its forward.
+LINEAR = ("sft", "redi")
 # Dense bf16 peak FLOP/s by device name (the first match wins), for MFU.
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
               ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12)]
@@ -262,19 +264,24 @@ def micro_batch_sync(model, last: bool) -> None:
     model.set_reshard_after_backward(last)
 
 
-def sequence_logps(model: model_lib.Qwen2ForCausalLM, mb: data_lib.MicroBatch,
-                   compile_head: bool | None = None, per_document: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs (S,) and token counts (S,) of the micro-batch's sequences, from one packed forward.
+def sequence_logps(model: model_lib.Qwen2ForCausalLM, mb: data_lib.MicroBatch, compile_head: bool | None = None,
+                   per_document: bool = False, loss_of=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed log-probs (S,) and token counts (S,) of the micro-batch's sequences, from one packed forward, and
+    loss_of(log-probs, counts) ready for backward if given (else None): a loss linear in the log-probs (SFT,
+    REDI), whose gradient the head then takes in its forward, with no recompute (token_logprobs_linear_loss).
     The head runs only on loss tokens, in chunks (losses.token_logprobs; compile_head: its `compile`).
     per_document: attention one document at a time (--attention per-document) instead of a document mask."""
     docs = (mb.doc_lengths or [mb.input_ids.shape[1]]) if per_document else None  # an empty batch: one pad token
     hidden = model(mb.input_ids, position_ids=mb.position_ids, doc_lengths=docs, return_hidden=True)[0]  # (T, H)
-    tok = losses.token_logprobs(hidden[mb.loss_index], model.lm_head.weight, mb.loss_target,
-                                compile=compile_head)  # (N,) fp32
-    logps = torch.zeros(mb.n_seqs, device=tok.device).index_add(0, mb.loss_seq, tok)  # (S,)
+    per_seq = lambda tok: torch.zeros(mb.n_seqs, device=tok.device).index_add(0, mb.loss_seq, tok)  # noqa: E731  (S,)
     # (S,) counted on the device: torch.bincount on CUDA waits for the device to size its output
-    lengths = torch.zeros_like(logps).index_add_(0, mb.loss_seq, torch.ones_like(tok))
-    return logps, lengths
+    lengths = per_seq(torch.ones(mb.loss_seq.shape[0], device=hidden.device))
+    args = hidden[mb.loss_index], model.lm_head.weight, mb.loss_target
+    if loss_of is None:
+        return per_seq(losses.token_logprobs(*args, compile=compile_head)), lengths, None  # (N,) fp32 summed
+    tok, loss = losses.token_logprobs_linear_loss(*args, lambda tok: loss_of(per_seq(tok), lengths),
+                                                  compile=compile_head)
+    return per_seq(tok), lengths, loss
 
 
 def flops(config: model_lib.Qwen2Config, n_params: int, doc_lengths: list[int]) -> float:
@@ -425,7 +432,7 @@ def reference_logps(model, data: data_lib.TokenData, args, device: torch.device,
     found = []
     for step in range(len(loader)):
         for mb in loader.micro_batches(0, step):
-            logps, _ = sequence_logps(model, mb.to(device), False if args.eager_head else None,
+            logps, _, _ = sequence_logps(model, mb.to(device), False if args.eager_head else None,
                                       args.attention == "per-document")
             found += [(int(e), float(c), float(r)) for e, c, r in
                       zip(mb.example_ids[0::2], logps[0::2].tolist(), logps[1::2].tolist())]
@@ -580,11 +587,13 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                 if args.no_reshard:
                     micro_batch_sync(model, last=k == len(mbs) - 1)
                 mb = mb.to(device)
-                logps, lengths = sequence_logps(model, mb, False if args.eager_head else None,
-                                                args.attention == "per-document")
-                loss, pair_stats = stage_loss(args, logps, lengths, mb, ref, n_examples, n_loss_tokens)
                 # FSDP averages gradients over ranks; the loss is already a share of the global mean
-                (loss * world).backward()
+                linear = (lambda logps, lengths: world * stage_loss(args, logps, lengths, mb, ref, n_examples,
+                                                                    n_loss_tokens)[0]) if args.stage in LINEAR else None
+                logps, lengths, linear_loss = sequence_logps(model, mb, False if args.eager_head else None,
+                                                             args.attention == "per-document", linear)
+                loss, pair_stats = stage_loss(args, logps, lengths, mb, ref, n_examples, n_loss_tokens)
+                (world * loss if linear_loss is None else linear_loss).backward()
                 stats += torch.stack([x.double() for x in (loss.detach(), *pair_stats)])  # no host sync
                 host_stats += (sum(mb.doc_lengths), flops(config, n_params, mb.doc_lengths))
         except torch.cuda.OutOfMemoryError:

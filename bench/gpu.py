@@ -36,8 +36,9 @@ leaves what it measured:
           (and compiled with no activation checkpointing, and with it on the MLPs only or on the elementwise
           work only, --ac-scope mlp and ops; the last also with --attention per-document and --no-reshard):
           first-step (compile/warm-up) time, every step's time and MFU (6N + 12 L d T), tokens/s and MFU pooled
-          over the steps that compiled nothing, peak memory; and the chunked head (losses.token_logprobs) alone
-          at 16k and 32k tokens (with --train-runs, where it lists `head`);
+          over the steps that compiled nothing, peak memory; and the chunked head alone at 16k and 32k tokens,
+          with the backward's recompute (losses.token_logprobs) and with the gradient taken in the forward
+          (token_logprobs_linear_loss, as SFT and REDI train) (with --train-runs, where it lists `head`);
   resume  train.py stopped after step 1 and resumed, each run a fresh process, against the same 3 steps run
           straight (2 blocks of the config; train.py's defaults, then compiled blocks, then per-document
           attention): are the final weights the same bits?
@@ -387,18 +388,22 @@ def warm_doc_attention(ctx: Ctx, lengths: np.ndarray, max_len: int) -> float:
 
 def head_costs(ctx: Ctx) -> dict:
     """losses.token_logprobs forward + backward alone, each chunk's softmax work eager and compiled (the
-    default on CUDA): seconds and peak memory above its inputs."""
+    default on CUDA), and compiled with the gradient taken in the forward (token_logprobs_linear_loss, as SFT
+    and REDI train): seconds and peak memory above its inputs."""
     c, dev = ctx.config, ctx.device
     r = {}
     for n in ((256, 512) if ctx.tiny else (16384, 32768)):
         for chunk in (1024, 4096):
-            for compile in (False, True):
+            for compile, linear in ((False, False), (True, False), (True, True)):
                 h = torch.randn(n, c.hidden_size, device=dev, dtype=ctx.dtype, requires_grad=True)
                 w = (torch.randn(c.vocab_size, c.hidden_size, device=dev, dtype=ctx.dtype) * 0.02).requires_grad_()
                 t = torch.randint(0, c.vocab_size, (n,), device=dev)
 
                 def step():
-                    losses.token_logprobs(h, w, t, chunk=chunk, compile=compile).sum().backward()
+                    if linear:
+                        losses.token_logprobs_linear_loss(h, w, t, torch.sum, chunk=chunk, compile=compile)[1].backward()
+                    else:
+                        losses.token_logprobs(h, w, t, chunk=chunk, compile=compile).sum().backward()
                     h.grad = w.grad = None
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -406,9 +411,12 @@ def head_costs(ctx: Ctx) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                 s = timed(ctx, step, 2)
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else None
-                # matmul FLOPs: forward logits, backward recompute, grad_h, grad_w
-                r[f"{n} tokens, chunk {chunk}, {'compiled' if compile else 'eager'}"] = {
-                    "s": s, "peak_extra_gib": peak, "tflops": 8 * n * c.vocab_size * c.hidden_size / s / 1e12}
+                # matmul FLOPs: forward logits, backward recompute (not with the gradient in the forward), grad_h,
+                # grad_w
+                gemms = 3 if linear else 4
+                name = "gradient in the forward" if linear else "compiled" if compile else "eager"
+                r[f"{n} tokens, chunk {chunk}, {name}"] = {
+                    "s": s, "peak_extra_gib": peak, "tflops": 2 * gemms * n * c.vocab_size * c.hidden_size / s / 1e12}
     return r
 
 
@@ -699,8 +707,9 @@ def _kernel_kind(name: str) -> str:
 # Ranges of a train.py step whose kernels the profile section sums: (phase, exact range names, name prefixes).
 PHASES = (("blocks forward and the block mask (compiled)", (), ("Torch-Compiled Region",)),
           ("blocks backward, with recompute (compiled)", ("CompiledFunctionBackward",), ()),
-          ("chunked head forward", ("_ChunkedTokenLogProbs",), ()),
-          ("chunked head backward", ("_ChunkedTokenLogProbsBackward",), ()),
+          # SFT and REDI take the head's gradient in its forward (_LinearLossHead): its backward only scales it
+          ("chunked head forward", ("_ChunkedTokenLogProbs", "_LinearLossHead"), ()),
+          ("chunked head backward", ("_ChunkedTokenLogProbsBackward", "_LinearLossHeadBackward"), ()),
           ("optimizer step", ("Optimizer.step#AdamW.step",), ()),
           ("FSDP2 hooks (parameter casts and gradient copies)", (), ("FSDP::",)))
 

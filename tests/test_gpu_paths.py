@@ -200,7 +200,9 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     assert report["train"]["sft-compile-opsac-perdoc"]["cudnn_graphs_built_before_s"] > 0
     assert all(not set(r["steady_steps"]) & set(r["steps_that_compiled"]) for r in compiled)
     phases = report["profile"]["kernel_ms_by_phase"]  # (on CPU: operators' own time) the phases are found by name
-    assert phases["chunked head backward"] > phases["chunked head forward"] > 0  # three matmuls per chunk, one
+    # the profiled run is SFT: its head takes the gradient in the forward (three matmuls per chunk), and its
+    # backward only scales it
+    assert phases["chunked head forward"] > phases["chunked head backward"] > 0
     assert phases["optimizer step"] > 0 and phases["FSDP2 hooks (parameter casts and gradient copies)"] > 0
     assert report["train"]["recipe_projection"]["sft_5_epochs_h"] > 0
     sample = report["sample"]

@@ -41,6 +41,46 @@ def test_chunked_token_logprobs_bf16_inputs_only_weight_grad(compile):
     torch.testing.assert_close(weight.grad.float(), ref_grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compile", [False, True])
+def test_linear_loss_head_equals_token_logprobs_then_the_loss(dtype, compile):
+    """token_logprobs_linear_loss, which takes the head's gradients in its forward, against token_logprobs
+    followed by the same loss: REDI's Eq. (5) over sequences of ragged lengths, scaled as train.py scales it,
+    chunks that do not divide the tokens. Log-probs, loss and both gradients: the same bits."""
+    N, H, V, S = 37, 16, 50, 6
+    hidden = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    seq = torch.randint(0, S, (N,))
+    lengths = torch.zeros(S).index_add_(0, seq, torch.ones(N)).clamp(min=1)
+
+    def loss_of(tok):
+        logps = torch.zeros(S).index_add(0, seq, tok)
+        return 3 * L.redi_loss(logps[0::2], lengths[0::2], logps[1::2], lengths[1::2], alpha=0.8, n_pairs=7)
+
+    tok = L.token_logprobs(hidden, weight, targets, chunk=8, compile=compile)
+    loss = loss_of(tok)
+    fused_tok, fused_loss = L.token_logprobs_linear_loss(hidden, weight, targets, loss_of, chunk=8, compile=compile)
+    assert not fused_tok.requires_grad
+    assert torch.equal(fused_tok, tok) and torch.equal(fused_loss, loss)
+    for got, expected in zip(torch.autograd.grad(fused_loss, (hidden, weight)),
+                             torch.autograd.grad(loss, (hidden, weight))):
+        assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_linear_loss_head_scales_by_its_upstream_gradient_and_takes_no_tokens():
+    """Only the weight needing a gradient, the loss scaled after the fact, and a micro-batch without loss tokens."""
+    hidden, targets = torch.randn(20, 8), torch.randint(0, 13, (20,))
+    weight = torch.randn(13, 8, requires_grad=True)
+    _, loss = L.token_logprobs_linear_loss(hidden, weight, targets, lambda tok: -tok.sum() / 20, chunk=6)
+    (2.5 * loss).backward()
+    expected = torch.autograd.grad(-2.5 * L.token_logprobs(hidden, weight, targets, chunk=6).sum() / 20, weight)[0]
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-6, atol=1e-7)
+    tok, loss = L.token_logprobs_linear_loss(hidden[:0], weight, targets[:0], lambda tok: -tok.sum())
+    loss.backward()
+    assert tok.shape == (0,) and loss.item() == 0
+
+
 def test_losses_against_hand_computed_values():
     # SFT (Eq. 1): -(sum of log-probs) / tokens in the global batch
     assert L.sft_loss(torch.tensor([-2.0, -3.0]), n_tokens=10).item() == pytest.approx(0.5)

@@ -92,7 +92,7 @@ def fixed_margins(toy, model_dir, n=48):
     data = D.TokenData(toy / "data", "pref")
     mb = D.Loader(data, batch_size=n, max_tokens=100000, max_len=160).collate(list(range(n)))
     with torch.no_grad():
-        logps, lengths = T.sequence_logps(model, mb)
+        logps, lengths, _ = T.sequence_logps(model, mb)
     summed = logps[0::2] - logps[1::2]
     normalized = logps[0::2] / lengths[0::2] - logps[1::2] / lengths[1::2]
     return summed.mean().item(), normalized.mean().item()
@@ -126,6 +126,22 @@ def test_update_does_not_depend_on_micro_batching(toy, tmp_path, sft_model, stag
     data = D.TokenData(toy / "data", "sft" if stage == "sft" else "pref")
     loader = D.Loader(data, batch_size=8, max_tokens=170 if stage == "sft" else 320, max_len=160, seed=42)
     assert min(len(loader.plan(0, s)[0]) for s in range(4)) >= 4  # really several micro-batches per step
+
+
+@pytest.mark.parametrize("stage", ["sft", "redi"])
+def test_linear_stages_take_the_head_gradient_in_the_forward_with_the_same_bits(toy, tmp_path, sft_model, stage,
+                                                                                monkeypatch):
+    """SFT and REDI train through losses.token_logprobs_linear_loss; with the plain head and loss (as DPO and
+    SimPO train) the weights come out the same, bit for bit."""
+    model = None if stage == "sft" else sft_model
+    calls = []
+    real = T.losses.token_logprobs_linear_loss
+    monkeypatch.setattr(T.losses, "token_logprobs_linear_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(toy, tmp_path / "linear", "--max-steps", "2", stage=stage, model=model)
+    assert calls
+    monkeypatch.setattr(T, "LINEAR", ())
+    run(toy, tmp_path / "plain", "--max-steps", "2", stage=stage, model=model)
+    assert_same_weights(tmp_path / "linear" / "final", tmp_path / "plain" / "final", atol=0)
 
 
 def test_no_reshard_gathers_and_reduces_once_per_step_with_the_same_update(toy, tmp_path, monkeypatch):
@@ -279,16 +295,22 @@ def test_refuses_to_overwrite_or_resume_with_other_arguments(toy, tmp_path):
         run(toy, tmp_path / "run", "--max-steps", "2", "--resume", "--lr", "1e-3")
 
 
+def scale_sft_loss(monkeypatch, from_step: int, factor: float) -> None:
+    """train.py's SFT loss times `factor` from 0-based step `from_step` on, however often a step evaluates it."""
+    real, real_lr_at = T.losses.sft_loss, T.lr_at
+    steps = []
+
+    def lr_at(step, total, args):  # called once at the start of each step
+        steps.append(step)
+        return real_lr_at(step, total, args)
+
+    monkeypatch.setattr(T, "lr_at", lr_at)
+    monkeypatch.setattr(T.losses, "sft_loss",
+                        lambda logps, n_tokens: real(logps, n_tokens) * (factor if steps[-1] >= from_step else 1.0))
+
+
 def test_non_finite_loss_stops_before_the_step(toy, tmp_path, monkeypatch):
-    real = T.losses.sft_loss
-    calls = []
-
-    def poisoned(logps, n_tokens):
-        calls.append(1)
-        loss = real(logps, n_tokens)
-        return loss * float("nan") if len(calls) > 3 else loss
-
-    monkeypatch.setattr(T.losses, "sft_loss", poisoned)
+    scale_sft_loss(monkeypatch, from_step=3, factor=float("nan"))
     with pytest.raises(SystemExit, match=r"diverged at step 4: non-finite loss \(nan\); stopped before the optimizer "
                                          r"step. Its weights came from diverged-step-000003 .* The last healthy "
                                          r"checkpoint is \S+step-000002 \(--resume continues from it\)"):
@@ -312,14 +334,7 @@ def test_divergence_is_stopped_before_its_checkpoint_is_saved(toy, tmp_path):
 
 
 def test_an_exploding_loss_stops_the_run(toy, tmp_path, monkeypatch):
-    real = T.losses.sft_loss
-    calls = []
-
-    def exploding(logps, n_tokens):
-        calls.append(1)
-        return real(logps, n_tokens) * (1e6 if len(calls) > 2 else 1.0)
-
-    monkeypatch.setattr(T.losses, "sft_loss", exploding)
+    scale_sft_loss(monkeypatch, from_step=2, factor=1e6)
     with pytest.raises(SystemExit, match=r"diverged at step 3: the loss exploded to .* Its weights came from "
                                          r"diverged-step-000002 .* last healthy checkpoint is \S+step-000001 \(its "
                                          r"model/; its resumable state was pruned"):
