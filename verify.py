@@ -21,7 +21,8 @@ Policies (a reviewer should know these; each is what a careful human grader does
     paper's rule: no closing </think> -> incorrect, and only the text after it is searched.
   - decimals are exact: 0.5 == 1/2, 0.\\overline{3} == 1/3, but 0.333 != 1/3 and 0.866 != sqrt(3)/2.
   - a gold written as a decimal or in scientific notation (Minerva's 9.6, 1.07 \\times 10^{16}) is a
-    rounded measurement. A numeric answer is accepted if it rounds to the gold (|a - g| <= half a unit
+    rounded measurement, alone, in a list or tuple, as a matrix entry or an equation's value (not as an
+    interval's end). A numeric answer is accepted if it rounds to the gold (|a - g| <= half a unit
     of the gold's last digit: 9.62 for 9.6); or, given at least as precisely as the gold, if it is within
     1% and within one unit of the last digit (1.08e16 for 1.07e16, Minerva's ~1% convention, never a
     wider margin than the gold's own precision); or if it is the gold correctly rounded to >= 3 (or all
@@ -993,7 +994,8 @@ class _Parser:
         terms, ops = [self.setexpr()], []
         while self.peek()[0] == "rel":
             ops.append(self.take()[1])
-            terms.append(self.setexpr())
+            start = self.i
+            terms.append(self.literal(self.setexpr(), start))  # x = 9.6: a decimal value as written
         return _Rel(tuple(ops), tuple(terms)) if ops else terms[0]
 
     def setexpr(self):
@@ -1372,14 +1374,14 @@ class _Parser:
         return _Seq("set", tuple(items))
 
     def bracketed(self, open_: str):
-        items = self.items()
+        items = self.items(top=True)  # a tuple's numbers as written, for decimal golds: (0.29, 0.196)
         close = self.take()
         if close not in (("op", ")"), ("op", "]")):
             raise _ParseError("unclosed bracket")
         pair = open_ + close[1]
         if len(items) == 1:
             if pair in ("()", "[]"):
-                return items[0]
+                return items[0].value if isinstance(items[0], _Lit) else items[0]
             raise _ParseError("half-open bracket around one value")
         if len(items) == 2 and pair in ("(]", "[)"):
             return _Ival(_expr(items[0]), _expr(items[1]), open_ == "(", close[1] == ")")
@@ -1397,7 +1399,8 @@ class _Parser:
                 break
             if self.peek()[0] == "eof":
                 raise _ParseError("unclosed matrix")
-            row.append(_expr(self.expr()))
+            start = self.i
+            row.append(self.literal(_expr(self.expr()), start))  # an entry as written, for decimal golds
             if self.accept(("op", "&")):
                 continue
             if self.accept(("rowsep", "\\\\")) or self.peek() == ("end", env):
@@ -1412,7 +1415,8 @@ class _Parser:
         return _Mat(tuple(rows))
 
     def literal(self, value, start: int):
-        """Wrap a top-level plain number with how it was written (for decimal golds)."""
+        """Wrap a plain number (an item of the answer, of a tuple, a matrix entry, the value of an equation) with
+        how it was written (for decimal golds)."""
         if not (isinstance(value, sympy.Expr) and value.is_Rational):
             return value
         info = _literal_info(self.t[start:self.i])

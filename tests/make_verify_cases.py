@@ -64,6 +64,11 @@ HAND = [
     ("decimal", "18.9", r"\$18.90", T), ("decimal", "1.0", "1", T), ("decimal", r"0.\overline{142857}", r"\frac17", T),
     ("decimal", r"2.\overline{6}", r"\frac{8}{3}", T), ("decimal", "2.67", r"\frac{8}{3}", F),
     ("decimal", r"\frac{3}{8}", "0.375", T), ("decimal", "0.38", "0.375", F),
+    # a decimal gold inside a tuple, a matrix or an equation is a rounded measurement too
+    ("decimal", "(0.2902, 0.196)", "(0.29, 0.196)", T), ("decimal", "(0.3, 0.196)", "(0.29, 0.196)", F),
+    ("decimal", r"\begin{pmatrix} 0.2902 \\ -0.1864 \end{pmatrix}", r"\begin{pmatrix} 0.29 \\ -0.186 \end{pmatrix}", T),
+    ("decimal", "x = 9.62", "x = 9.6", T), ("decimal", "x = 9.7", "x = 9.6", F),
+    ("decimal", "(0.333, 2)", r"(\frac{1}{3}, 2)", F),
 
     # measured values (Minerva): within the gold's rounding, ~1% at the gold's precision, or a correct rounding
     ("scientific", "9.6", "9.6", T), ("scientific", "9.62", "9.6", T), ("scientific", "9.58", "9.6", T),
