@@ -17,8 +17,9 @@ Pipeline: extract the last \\boxed{} -> clean the string (linear regexes) -> tok
 
 Policies (a reviewer should know these; each is what a careful human grader does):
   - no boxed answer -> incorrect (the prompt demands one); `require_boxed=False` falls back to
-    "final answer is ...", then the last $...$, then the last number. `require_think_end=True` is the
-    paper's rule: no closing </think> -> incorrect, and only the text after it is searched.
+    "final answer is ...", then the last math ($...$, \\(...\\) or \\[...\\]), then the last number.
+    `require_think_end=True` is the paper's rule: no closing </think> -> incorrect, and only the text
+    after it is searched.
   - decimals are exact: 0.5 == 1/2, 0.\\overline{3} == 1/3, but 0.333 != 1/3 and 0.866 != sqrt(3)/2.
   - a gold written as a decimal or in scientific notation (Minerva's 9.6, 1.07 \\times 10^{16}) is a
     rounded measurement, alone, in a list or tuple, as a matrix entry or an equation's value (not as an
@@ -265,6 +266,17 @@ _DOLLAR_RE = re.compile(r"\$([^$]{1,500})\$")
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
+def _last_math(text: str) -> str | None:
+    """The content of the last inline or display math, `$..$`, `\\(..\\)` or `\\[..\\]` (up to 500 characters)."""
+    found = [(m.end(), m.group(1)) for m in _DOLLAR_RE.finditer(text)][-1:]
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+        end = text.rfind(closer)
+        start = text.rfind(opener, 0, end) if end > 0 else -1
+        if start >= 0 and end - start - 2 <= 500:
+            found.append((end + 2, text[start + 2:end]))
+    return max(found)[1] if found else None
+
+
 def _answer_of(response: str, require_boxed: bool, require_think_end: bool = False) -> str | None:
     """The answer graded for a response: the boxed one, or (if allowed) a best-effort fallback."""
     answer = extract_answer(response, require_think_end=require_think_end)
@@ -279,9 +291,9 @@ def _answer_of(response: str, require_boxed: bool, require_think_end: bool = Fal
         line = finals[-1].split("I hope")[0].strip().rstrip(".")
         inner = _DOLLAR_RE.findall(line)
         return inner[-1] if inner else line
-    dollars = _DOLLAR_RE.findall(text)
-    if dollars:
-        return dollars[-1]
+    math = _last_math(text)
+    if math is not None:
+        return math
     numbers = _NUMBER_RE.findall(text)
     return numbers[-1] if numbers else None
 
