@@ -289,8 +289,8 @@ def _answer_of(response: str, require_boxed: bool, require_think_end: bool = Fal
     finals = _FINAL_RE.findall(text)
     if finals:
         line = finals[-1].split("I hope")[0].strip().rstrip(".")
-        inner = _DOLLAR_RE.findall(line)
-        return inner[-1] if inner else line
+        inner = _last_math(line)
+        return line if inner is None else inner
     math = _last_math(text)
     if math is not None:
         return math

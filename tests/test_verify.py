@@ -179,6 +179,7 @@ def test_require_boxed_is_a_switch():
     # the last math of any delimiter: \( \) and \[ \] as well as $ $
     assert verify.grade("So $x = 3$, and then \\( \\frac{10}{2} \\) in all.", "5", require_boxed=False) is True
     assert verify.grade("First \\[ 5 \\] and at last $3$.", "5", require_boxed=False) is False
+    assert verify.grade("The final answer is \\( \\frac{1}{2} \\).", "0.5", require_boxed=False) is True
     assert verify.grade("No numbers at all.", "7", require_boxed=False) is False
     assert verify.grade("\\boxed{4} although the answer is 5", "5", require_boxed=False) is False
 
