@@ -93,7 +93,8 @@ def _compiled(fn):
 
 
 def _head_grads(hidden: Tensor, weight: Tensor, need_h: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Zeroed buffers for the head's gradients: (N, H) for the hidden states, (V, H) fp32 for the weight."""
+    """Buffers for the head's gradients: (N, H) for the hidden states, each row written once by its chunk, and
+    (V, H) fp32 for the weight, zeroed, every chunk adding to it."""
     return (torch.empty_like(hidden) if need_h else None,
             torch.zeros_like(weight, dtype=torch.float32) if need_w else None)
 

@@ -278,7 +278,7 @@ def sequence_logps(model: model_lib.Qwen2ForCausalLM, mb: data_lib.MicroBatch, c
     lengths = per_seq(torch.ones(mb.loss_seq.shape[0], device=hidden.device))
     args = hidden[mb.loss_index], model.lm_head.weight, mb.loss_target
     if loss_of is None:
-        return per_seq(losses.token_logprobs(*args, compile=compile_head)), lengths, None  # (N,) fp32 summed
+        return per_seq(losses.token_logprobs(*args, compile=compile_head)), lengths, None
     tok, loss = losses.token_logprobs_linear_loss(*args, lambda tok: loss_of(per_seq(tok), lengths),
                                                   compile=compile_head)
     return per_seq(tok), lengths, loss
@@ -433,7 +433,7 @@ def reference_logps(model, data: data_lib.TokenData, args, device: torch.device,
     for step in range(len(loader)):
         for mb in loader.micro_batches(0, step):
             logps, _, _ = sequence_logps(model, mb.to(device), False if args.eager_head else None,
-                                      args.attention == "per-document")
+                                         args.attention == "per-document")
             found += [(int(e), float(c), float(r)) for e, c, r in
                       zip(mb.example_ids[0::2], logps[0::2].tolist(), logps[1::2].tolist())]
     gathered = [found]
@@ -587,7 +587,8 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
                 if args.no_reshard:
                     micro_batch_sync(model, last=k == len(mbs) - 1)
                 mb = mb.to(device)
-                # FSDP averages gradients over ranks; the loss is already a share of the global mean
+                # what is backpropagated: the loss times world (FSDP averages gradients over ranks; the loss is
+                # already a share of the global mean), through the head's forward if linear in the log-probs
                 linear = (lambda logps, lengths: world * stage_loss(args, logps, lengths, mb, ref, n_examples,
                                                                     n_loss_tokens)[0]) if args.stage in LINEAR else None
                 logps, lengths, linear_loss = sequence_logps(model, mb, False if args.eager_head else None,
