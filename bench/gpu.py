@@ -660,9 +660,10 @@ def section_attention(ctx: Ctx) -> dict:
     try:
         from torch.nn.attention.varlen import varlen_attn
         cu = torch.tensor([0, *np.cumsum(docs)], device=dev, dtype=torch.int32)
-        def varlen():
+
+        def varlen():  # flash-attention's varlen kernel takes fewer k/v heads as they are (GQA): no enable_gqa
             return varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, max(docs),
-                               max(docs), enable_gqa=True, window_size=(-1, 0))
+                               max(docs), window_size=(-1, 0))
         record(f"{len(docs)} documents, varlen_attn", _fwd_bwd(varlen, q, k, v), docs)
     except Exception as e:
         r["varlen_attn"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
