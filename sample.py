@@ -402,8 +402,6 @@ class Sampler:
         if self.cuda_graphs and not (cuda and self.cache.in_place):
             raise ValueError("cuda_graphs needs a CUDA model and the in-place paged attention")
         self.cache.compile_decoding = self.cuda_graphs if compile is None else compile
-        with torch.no_grad():  # refreshed from the model at each stream (_load_qkv)
-            self.cache.qkv_weights = [layer.self_attn.fused_qkv() for layer in model.model.layers]
         self._draw = _compiled_draw() if self.cuda_graphs or (cuda and self.cache.compile_decoding) else draw
         if self.cache.in_place:  # at the largest bucket's size once: captured graphs keep their addresses
             self.cache.decode_buffers(_bucket(max_slots, max_slots))
@@ -499,10 +497,14 @@ class Sampler:
             active = still
 
     def _load_qkv(self) -> None:
-        """Copy the model's q/k/v weights as they are now into the cache's fused ones, in place (captured graphs
-        read them there), so a model updated between two streams samples with its new weights."""
-        for layer, (weight, bias) in zip(self.model.model.layers, self.cache.qkv_weights):
-            new_weight, new_bias = layer.self_attn.fused_qkv()
+        """The model's q/k/v weights as they are now, fused: made at the first stream, copied into the same
+        tensors at the next ones (captured graphs read them there), so a model updated between two streams
+        samples with its new weights."""
+        fused = [layer.self_attn.fused_qkv() for layer in self.model.model.layers]
+        if self.cache.qkv_weights is None:
+            self.cache.qkv_weights = fused
+            return
+        for (weight, bias), (new_weight, new_bias) in zip(self.cache.qkv_weights, fused):
             weight.copy_(new_weight)
             if bias is not None:
                 bias.copy_(new_bias)
