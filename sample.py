@@ -616,6 +616,13 @@ class Sampler:
         state.steps.add_(1)
         state.t.add_(1)
 
+    def _warm_up(self, static: DecodeState, params: SamplingParams) -> None:
+        """Two decode steps on a graph's buffers before its capture (they compile the attention kernel for this
+        shape), each written to the round's first output row: with sync_every=1 the buffers hold one."""
+        for _ in range(2):
+            static.t.zero_()
+            self._step(static, params)
+
     def _graph(self, rows: int, params: SamplingParams) -> tuple[torch.cuda.CUDAGraph, DecodeState]:
         """The decode step for `rows` rows captured in a CUDA graph (once per bucket and draw settings: a
         new max_new_tokens or stop list reuses it). Captured on padding rows (scratch block 0, position 0), so
@@ -628,8 +635,7 @@ class Sampler:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: compiles the attention kernel for this shape
-                    self._step(static, params)
+                self._warm_up(static, params)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graphs.get("pool")):

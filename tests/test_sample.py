@@ -525,6 +525,20 @@ def test_draw_runs_on_the_meta_device():
         assert tokens.shape == (4,) and tokens.dtype == torch.long
 
 
+def test_graph_warm_up_fits_one_step_rounds(models):
+    """A CUDA graph's two warm-up steps run on buffers sized for one round of sync_every steps: with
+    sync_every=1 they hold one output row, and the second warm-up step once wrote past it (an H100 run's
+    device-side assert, which cost the rest of that process). Run here on CPU through the in-place path."""
+    ours, _ = models
+    sampler = S.Sampler(ours, kv_gib=pool_gib(ours, 8), max_slots=2, block_size=4, sync_every=1, in_place=True)
+    sampler.cache.decode(sampler.cache.page_table[:2])
+    sampler.cache.set_pages([[0]] * 2)
+    static = S.DecodeState.empty(2, sampler.sync_every, ours.lm_head.weight.device)
+    with torch.inference_mode():
+        sampler._warm_up(static, S.SamplingParams(4, temperature=0.7))
+    assert static.out.shape == (1, 2) and static.t.item() == 1 and static.steps.tolist() == [2, 2]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_draw_replays_in_a_cuda_graph():
     """On a GPU at evaluation size: the draw never synchronizes with the host, and a captured draw replayed on
