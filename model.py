@@ -288,11 +288,20 @@ def _compiled_flex_decode():
     return torch.compile(_flex_decode, dynamic=False)
 
 
+# The fewest thread blocks per (row, KV head) of a decoding step's attention. Rows decoded together have
+# ragged lengths (an evaluation's long tail), and the kernel gives each of a row's SPLIT_KV thread blocks an
+# equal share of that row's blocks, so with few splits the longest row's share runs on alone after the others
+# end. An H100, one layer, 256 rows at the long tail's in-flight lengths (mean 5,940, longest 32,581;
+# bench/gpu.py --sections decode, 2026-11-27): 1,066 us with SPLIT_KV 2, 817 with 4, 718 with 8, 675 with 16.
+MIN_SPLIT_KV = 16
+
+
 def decode_split_kv(batch: int, kv_heads: int, sms: int) -> int:
     """Thread blocks per (row, KV head) in a decoding step's attention: flex_attention's SPLIT_KV. Enough for
     about four per SM, since each streams its keys with little memory-level parallelism of its own (inductor's
-    default, 2 * SMs // (batch * kv_heads), is 1 from batch 67 on with 2 KV heads on 132 SMs); at most 64."""
-    return max(1, min(64, -(-4 * sms // max(1, batch * kv_heads))))
+    default, 2 * SMs // (batch * kv_heads), is 1 from batch 67 on with 2 KV heads on 132 SMs), and at least
+    MIN_SPLIT_KV, for ragged rows; at most 64."""
+    return max(MIN_SPLIT_KV, min(64, -(-4 * sms // max(1, batch * kv_heads))))
 
 
 @functools.cache
@@ -306,7 +315,8 @@ def decode_kernel_options(batch: int, kv_heads: int, sms: int, split: int | None
     stages instead of inductor's 2 and 1 on sm_90, so each thread block keeps more key loads in flight. Fitted
     to an H100's one-layer timings (bench/gpu.py --sections decode, 2026-11-26): 274 us against 347 at 64 x 8k
     context (4.8 thread blocks per SM), 851 against 812 at 256 x 8k (7.8 per SM, already at the copy
-    bandwidth)."""
+    bandwidth); on 2026-11-27, 193 us against 256 at 64 x 8k with SPLIT_KV 5, before MIN_SPLIT_KV (which puts
+    15.5 thread blocks per SM there: not yet timed at uniform lengths)."""
     split = split or decode_split_kv(batch, kv_heads, sms)
     options: dict = {"SPLIT_KV": split}
     if batch * kv_heads * split < 6 * sms:

@@ -783,10 +783,11 @@ def ragged_lengths(rows: int, tiny: bool) -> list[int]:
 def section_decode(ctx: Ctx) -> dict:
     """One layer's decode attention alone (model._flex_decode compiled over a paged pool with the sampler's
     block mask, bf16), for ways of launching flex_attention's decoding kernel: inductor's options, our SPLIT_KV
-    (model.decode_split_kv), and with it 3 pipelining stages with 2 or 4 warps; the one the sampler uses
-    (model.decode_kernel_options) is marked. Then rows of ragged lengths, as the long tail has them in flight
-    (ragged_lengths), for SPLIT_KV 2 to 16: the kernel gives each split of a row an equal share of that row's
-    blocks, so with few splits the longest row's share runs on alone after the others end. Each variant is
+    (four thread blocks per SM), and with it 3 pipelining stages with 2 or 4 warps, and
+    model.decode_kernel_options, the sampler's (with MIN_SPLIT_KV since 2026-11-27), marked. Then rows of
+    ragged lengths, as the long tail has them in flight (ragged_lengths), for SPLIT_KV 2 to 32: the kernel
+    gives each split of a row an equal share of that row's blocks, so with few splits the longest row's share
+    runs on alone after the others end. Each variant is
     checked against an fp32 reference on each row's gathered keys, and timed as microseconds per call and the
     share of the measured copy bandwidth its KV reads reach (the sampler's step does this once per layer). On
     GPU `us` is a call replayed from a CUDA graph, as in the sampler (20 calls per graph), and `us_launched` a
@@ -799,14 +800,15 @@ def section_decode(ctx: Ctx) -> dict:
     sms = M._sm_count(dev) if dev.type == "cuda" else 8
     r = {"copy_gb_s": bw / 1e9}
     for B, n in ((2, 300), (4, 500)) if ctx.tiny else ((1, 1000), (64, 8000), (128, 8000), (256, 8000)):
-        split = M.decode_split_kv(B, Hkv, sms)
+        split = max(1, min(64, -(-4 * sms // (B * Hkv))))  # four thread blocks per SM: the rule before MIN_SPLIT_KV
         variants = {"inductor's options": None, f"SPLIT_KV {split}": {"SPLIT_KV": split},
                     "... num_stages 3": {"SPLIT_KV": split, "num_stages": 3},
-                    "... num_stages 3, num_warps 4": {"SPLIT_KV": split, "num_stages": 3, "num_warps": 4}}
+                    "... num_stages 3, num_warps 4": {"SPLIT_KV": split, "num_stages": 3, "num_warps": 4},
+                    "decode_kernel_options": M.decode_kernel_options(B, Hkv, sms)}
         decode_case(ctx, r, f"batch {B}, {n} positions", [n] * B, variants, sms, bw)
     B = 4 if ctx.tiny else 256
     lengths = ragged_lengths(B, ctx.tiny)
-    variants = {f"SPLIT_KV {split}": M.decode_kernel_options(B, Hkv, sms, split) for split in (2, 4, 8, 16)}
+    variants = {f"SPLIT_KV {split}": M.decode_kernel_options(B, Hkv, sms, split) for split in (2, 4, 8, 16, 32)}
     decode_case(ctx, r, f"batch {B}, ragged positions (mean {statistics.mean(lengths):.0f}, longest {max(lengths)})",
                 lengths, variants, sms, bw)
     for name, part in (("gemms", decode_gemms), ("draw", decode_draw)):
@@ -851,8 +853,11 @@ def decode_case(ctx: Ctx, r: dict, title: str, lengths: list[int], variants: dic
         bf16_err = max(bf16_err, float((sdpa.reshape(H, 1, hd).float() - want[b]).abs().max()))
     r[f"{title}, sdpa on gathered keys, max_err_vs_fp32"] = bf16_err
     sampler = M.decode_kernel_options(B, Hkv, sms)
-    variants = {name + (" (the sampler's)" if options == sampler else ""): options
-                for name, options in variants.items()}  # (each variant is a compile)
+    unique = {}  # options -> name: a variant listed twice is compiled and timed once
+    for name, options in variants.items():
+        unique.setdefault(json.dumps(options, sort_keys=True), name)
+    variants = {name + (" (the sampler's)" if variants[name] == sampler else ""): variants[name]
+                for name in unique.values()}  # (each variant is a compile)
     case = {}
     kv_bytes = sum(lengths) * Hkv * hd * 2 * ctx.dtype.itemsize
     for name, options in variants.items():

@@ -80,11 +80,11 @@ def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
     with torch._dynamo.config.patch(recompile_limit=2):
         assert graphs(M._compiled_flex_decode()) == 2
         assert graphs(M._decode_attention) == 3
-    assert M.decode_split_kv(64, 2, 132) == 5 and M.decode_split_kv(256, 2, 132) == 2
-    assert M.decode_split_kv(1, 2, 132) == 64 and M.decode_split_kv(1024, 8, 132) == 1
+    assert M.decode_split_kv(16, 2, 132) == 17 and M.decode_split_kv(64, 2, 132) == M.MIN_SPLIT_KV == 16
+    assert M.decode_split_kv(1, 2, 132) == 64 and M.decode_split_kv(1024, 8, 132) == 16
     assert M.decode_split_kv(0, 2, 132) == 64
-    assert M.decode_kernel_options(64, 2, 132) == {"SPLIT_KV": 5, "num_warps": 4, "num_stages": 3}
-    assert M.decode_kernel_options(256, 2, 132) == {"SPLIT_KV": 2}
+    assert M.decode_kernel_options(8, 2, 132) == {"SPLIT_KV": 33, "num_warps": 4, "num_stages": 3}
+    assert M.decode_kernel_options(256, 2, 132) == {"SPLIT_KV": 16}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -224,7 +224,8 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
     cases = [case for name, case in report["decode"].items()
              if isinstance(case, dict) and name not in ("gemms", "draw")]
     variants = [v for case in cases for v in case.values()]
-    assert len(variants) == 4 + 4 + 4 and all(v["ok"] for v in variants)  # three cases, four launch options each
+    assert len(variants) == 5 + 5 + 5 and all(v["ok"] for v in variants)  # three cases, five launch options each
+    assert all(sum(name.endswith("(the sampler's)") for name in case) == 1 for case in cases[:2])
     assert "ragged positions" in list(report["decode"])[-4]  # the last case: rows of the long tail's lengths
     gemms = report["decode"]["gemms"]
     assert list(gemms) == ["1 rows", "4 rows"] and all(len(g) == 7 for g in gemms.values())
