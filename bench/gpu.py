@@ -2,26 +2,27 @@
 
     python bench/gpu.py --tiny --out /tmp/gpu-tiny.json             # every section on CPU, tiny config (CI)
     python bench/gpu.py --sections parity,train                      # a subset
-    # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-26): the first compile of
-    # --ac-scope ops 239-260 s, sample 251 s (before transformers was also timed without cuDNN), decode 23 s
-    # (three batch sizes, before the CUDA-graph timings), attention 115 s (60 s of it autotuning, dropped
-    # since), evaluate 24 s, parity greedy 96 s. The next session's two calls, the second at once (a machine
-    # idle for 30 s is given back), each ordered by what its issue needs most (sections and runs go in the
-    # order given, so a time limit cuts the last); the per-document run's compile and cuDNN graph-building
-    # times are not known (a later run in the same process reuses both):
-    PYTHONUNBUFFERED=1 timeout 430 python bench/gpu.py --sections attention,train,profile --attention-brief \
-        --train-runs sft-compile-opsac-perdoc,sft-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
-        --profile-run sft-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
-    PYTHONUNBUFFERED=1 timeout 330 python bench/gpu.py --sections sample,grade,decode,parity,anatomy,resume \
-        --parity greedy --resume-runs defaults --out $OUT/gpu2.json
+    # on a lent GPU all of it is more than one 10-minute call. On an H100 (2026-11-27): attention (brief) 205 s,
+    # train 135 s for three compiled per-document runs (the first compile 21 s, cuDNN graphs 10 s), profile
+    # 21 s, sample 261 s, decode 73 s, parity greedy 16 s, grade 1 s; the 2026-11-26 sessions: the first
+    # compile of --ac-scope ops 239-260 s, evaluate 24 s. The next session's two calls, the second at once (a
+    # machine idle for 30 s is given back), each ordered by what its issue needs most (sections and runs go in
+    # the order given, so a time limit cuts the last). Call 1: SFT per-document without resharding first, in a
+    # fresh process, then with resharding (the 2026-11-27 order gave 29.4% then 46.5%, and `document_calls`
+    # now says whether cuDNN graphs were built inside the steps), then REDI twice (its second run over the
+    # same lengths: steady state), and REDI's step profiled. Call 2: the step anatomy (kernels per decode
+    # step, the batch-1 breakdown), decode (MIN_SPLIT_KV at uniform lengths), sample (the long tail with it),
+    # resume (cuDNN's backward gave different bits twice in the attention section):
+    PYTHONUNBUFFERED=1 timeout 300 python bench/gpu.py --sections train,profile \
+        --train-runs sft-compile-opsac-perdoc-noreshard,sft-compile-opsac-perdoc,redi-compile-opsac-perdoc-noreshard,redi-compile-opsac-perdoc-noreshard \
+        --profile-run redi-compile-opsac-perdoc-noreshard --out $OUT/gpu1.json
+    PYTHONUNBUFFERED=1 timeout 450 python bench/gpu.py --sections anatomy,decode,sample,resume \
+        --resume-runs defaults,compiled-perdoc --out $OUT/gpu2.json
     # (if a per-document run fails in call 1, that run and the queued ones run on the document mask instead,
-    # and the profile section profiles the mask twin of its run. Call 2 may need more than 330 s, its sections
-    # estimated at ~480: sample ~275 (its long tail, the protocol's projection, ends it), grade ~15, decode
-    # ~60 (uniform and ragged attention, matmuls, the draw: what a decode step at 64 and 256 rows spends
-    # beyond its KV reads), parity greedy ~40 (the decoding step compiled between attentions, new since the
-    # last GPU run, against transformers' fp32 argmax; the sample section's uncompiled batch-1 case already
-    # says how many tokens it shares with the compiled one), anatomy ~40, resume ~40; if `status` after call
-    # 1 leaves more budget, give call 2's timeout that budget less ~25 s)
+    # and the profile section profiles the mask twin of its run. Call 2's sections are estimated at ~480 s:
+    # anatomy ~40, decode ~80, sample ~275, resume ~80; if `status` after call 1 leaves more budget, give
+    # call 2's timeout that budget less ~25 s. A device-side assert ends the process: the sections after it
+    # are lost, as resume was on 2026-11-27)
 
 Sections, each guarded (a failure is recorded and the next section runs) and each written to the JSON report
 as soon as it ends (train and sample also after each run or case), so a run killed at its time limit still
@@ -36,7 +37,9 @@ leaves what it measured:
           (and compiled with no activation checkpointing, and with it on the MLPs only or on the elementwise
           work only, --ac-scope mlp and ops; the last also with --attention per-document and --no-reshard):
           first-step (compile/warm-up) time, every step's time and MFU (6N + 12 L d T), tokens/s and MFU pooled
-          over the steps that compiled nothing, peak memory; and the chunked head alone at 16k and 32k tokens,
+          over the steps that compiled nothing, peak memory, the per-document calls new to the process in each
+          step (DocumentCalls: where cuDNN may build graphs) and MFU over the steps without any (a run listed
+          twice in --train-runs runs twice, the second as name#2); and the chunked head alone at 16k and 32k tokens,
           with the backward's recompute (losses.token_logprobs) and with the gradient taken in the forward
           (token_logprobs_linear_loss, as SFT and REDI train) (with --train-runs, where it lists `head`);
   resume  train.py stopped after step 1 and resumed, each run a fresh process, against the same 3 steps run
@@ -79,6 +82,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -129,6 +133,7 @@ class Ctx:
         self.tokenizer.mkdir(parents=True, exist_ok=True)
         (self.tokenizer / "tokenizer.json").write_bytes(gzip.decompress((FIXTURE / "tokenizer.json.gz").read_bytes()))
         self._checkpoint: Path | None = None
+        self.doc_calls = DocumentCalls(self)  # main() installs it: the per-document calls new to the process
 
     def checkpoint(self) -> Path:
         """A random bf16 checkpoint of the config (seed 0), written once."""
@@ -320,6 +325,61 @@ def after_each_step(fn):
         T.metrics_record = record
 
 
+class DocumentCalls:
+    """model.doc_attention's per-document calls whose (thread, direction, padded length) this process has not
+    run before, each timed between two device synchronizations (the calls already seen run unsynchronized).
+    On CUDA these are the calls that may build a cuDNN graph: PyTorch keeps cuDNN's attention graphs in
+    thread-local caches keyed by shape (aten/src/ATen/native/cudnn/MHA.cpp), and the backward runs on
+    autograd's device thread. An H100 run's first per-document SFT run took ~0.9 s more per step than a rerun
+    over the same documents, with every length's graphs built beforehand (warm_doc_attention): these calls
+    say whether graphs were built inside its steps after all, and on which thread. On CPU the same calls run
+    the reference equations, which build nothing; they are recorded alike, so the smoke test runs this code."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.seen: set[tuple[int, str, int]] = set()
+        self.calls: list[dict] = []  # {"thread", "direction", "length", "s"} in the order made
+
+    def install(self) -> None:
+        """Wrap the per-document functions doc_attention calls (looked up at call time: it is a custom op,
+        opaque to torch.compile, so its body runs eagerly even inside compiled blocks)."""
+        cuda = self.ctx.device.type == "cuda"
+        padded = lambda x: M.padded_length(x.shape[0])  # noqa: E731
+        targets = ((("_cudnn_document", "forward", lambda a: a[-1]), ("_cudnn_document_grads", "backward", lambda a: a[-1]))
+                   if cuda else (("_causal_with_lse", "forward", lambda a: padded(a[0])),
+                                 ("_causal_grads", "backward", lambda a: padded(a[1]))))
+        for attr, direction, length_of in targets:
+            setattr(M, attr, self._wrapped(getattr(M, attr), direction, length_of))
+
+    def _wrapped(self, fn, direction: str, length_of):
+        def wrapped(*args):
+            key = (threading.get_ident(), direction, int(length_of(args)))
+            if key in self.seen:
+                return fn(*args)
+            self.seen.add(key)
+            self.ctx.sync()
+            t = time.perf_counter()
+            out = fn(*args)
+            self.ctx.sync()
+            self.calls.append({"thread": key[0], "direction": direction, "length": key[2],
+                               "s": time.perf_counter() - t})
+            return out
+        return wrapped
+
+    def summary(self, since: int, ends: list[int]) -> dict:
+        """The new calls made after calls[since], per step (ends: len(calls) at each step's end): how many and
+        their seconds, and how many were of a (direction, length) already run on another thread."""
+        other = {(c["direction"], c["length"]) for c in self.calls[:since]}
+        per_step, at = [], since
+        for end in ends:
+            new = self.calls[at:end]
+            per_step.append({"calls": len(new), "s": sum(c["s"] for c in new),
+                             "seen_on_another_thread": sum((c["direction"], c["length"]) in other for c in new)})
+            at = end
+        return {"per_step": per_step, "threads_before": len({c["thread"] for c in self.calls[:since]}),
+                "threads_in_steps": len({c["thread"] for c in self.calls[since:]})}
+
+
 def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, budget: int, steps: int,
               extra: list[str], profiler=None) -> dict:
     """train.py's own loop on synthetic data: each step's time and MFU, and rates pooled over the steps that
@@ -331,7 +391,9 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     shutil.rmtree(out, ignore_errors=True)
     bench_train.synthetic_prepared(data, ctx.tokenizer / "tokenizer.json", kind, lengths)
     max_len = budget // (1 if kind == "sft" else 2)
+    before_warm_up = len(ctx.doc_calls.calls)
     warm_s = warm_doc_attention(ctx, lengths, max_len) if "per-document" in extra else None
+    before_steps, ends = len(ctx.doc_calls.calls), []  # ends: len(calls) at each step's end
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -339,6 +401,7 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
 
     def step_done():
         graphs.append(counters["frames"]["total"])
+        ends.append(len(ctx.doc_calls.calls))
         if profiler is not None and len(graphs) == steps:  # steps - 1 done: profile the last
             profiler.start()
         elif profiler is not None and len(graphs) == steps + 1:
@@ -358,6 +421,9 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     steady = [x for x in log[1:] if x["step"] not in compiled] or log[-1:]
     seconds = sum(x["step_s"] for x in steady)
     mfu = [x["mfu"] * x["step_s"] for x in steady if x["mfu"] is not None]
+    doc_calls = {"warm_up_calls": before_steps - before_warm_up, **ctx.doc_calls.summary(before_steps, ends)}
+    # a long run makes each per-document call's first appearance once per process: the steps without any
+    clean = [x for x in steady if x["mfu"] is not None and not doc_calls["per_step"][x["step"] - 1]["calls"]]
     return {"stage": stage, "micro_tokens": budget, "steps": len(log), "wall_s": wall,
             "each_step_s": [x["step_s"] for x in log], "each_step_mfu": [x["mfu"] for x in log],
             "each_step_tokens": [x["tokens"] for x in log],
@@ -366,7 +432,11 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
             "tokens_per_step": sum(x["tokens"] for x in steady) / len(steady),
             "tokens_per_s": sum(x["tokens"] for x in steady) / seconds,
             "mfu": sum(mfu) / seconds if mfu else None, "peak_mem_gib": max(x["peak_mem_gib"] for x in log),
-            "loss_first_last": [log[0]["loss"], log[-1]["loss"]], "cudnn_graphs_built_before_s": warm_s}
+            "loss_first_last": [log[0]["loss"], log[-1]["loss"]], "cudnn_graphs_built_before_s": warm_s,
+            "document_calls": doc_calls,
+            "mfu_steps_without_new_document_calls": [x["step"] for x in clean],
+            "mfu_without_new_document_calls": (sum(x["mfu"] * x["step_s"] for x in clean) / sum(x["step_s"] for x in clean)
+                                               if clean else None)}
 
 
 def warm_doc_attention(ctx: Ctx, lengths: np.ndarray, max_len: int) -> float:
@@ -464,24 +534,30 @@ def section_train(ctx: Ctx) -> dict:
             raise ValueError(f"unknown training runs {sorted(unknown)}; known: {', '.join(by_name)}, head")
         runs = [(name, *by_name[name]) for name in ctx.train_runs if name != "head"]
     r = {}
+
+    def latest(name: str) -> dict:  # a run named twice is reported twice, the second time as name#2
+        found = [v for k, v in r.items() if k.split("#")[0] == name]
+        return found[-1] if found else {}
     while runs:
         name, *spec = runs.pop(0)
+        done = sum(k.split("#")[0] == name for k in r)
+        key = f"{name}#{done + 1}" if done else name
         try:
-            r[name] = train_run(ctx, name, *spec)
+            r[key] = train_run(ctx, name, *spec)
         except BaseException as e:  # SystemExit from train.py included: record it, go on
-            r[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            r[key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
             if "-perdoc" in name:  # this run and the rest time the document mask (flex_attention) instead
                 ctx.perdoc_failed = True
                 twins = [n.replace("-perdoc", "") for n in [name] + [run[0] for run in runs]]
                 twins = [n if n in by_name else n.replace("-noreshard", "") for n in twins]  # (no REDI twin)
                 runs = [(n, *by_name[n]) for n in dict.fromkeys(twins) if n not in r]
-        print(f"    {name}: {json.dumps(r[name])[:400]}", flush=True)
+        print(f"    {key}: {json.dumps(r[key])[:400]}", flush=True)
         ctx.write("train", r)
     # The paper's recipe on 8 GPUs at these rates, if its traces have these synthetic lengths (mean document
     # ~5.6k tokens) and throughput scales linearly with GPUs (FSDP2's communication is not measured here).
     sft_len, pref_len = by_name["sft"][2], by_name["redi"][2]
     for suffix in ("", "-compile", "-compile-opsac", "-compile-opsac-perdoc-noreshard"):
-        sft, redi = r.get("sft" + suffix, {}), r.get("redi" + suffix, {})
+        sft, redi = latest("sft" + suffix), latest("redi" + suffix)
         if "tokens_per_s" in sft and "tokens_per_s" in redi:
             hours_sft = 77_629 * 5 * float(sft_len.sum(1).mean()) / (8 * sft["tokens_per_s"]) / 3600
             hours_redi = 53_175 * float(pref_len.sum(1).mean() + pref_len[:, 0].mean()) / (8 * redi["tokens_per_s"]) / 3600
@@ -758,9 +834,11 @@ def section_profile(ctx: Ctx) -> dict:
         peak = next(f for gpu, f in T.PEAK_FLOPS if gpu in torch.cuda.get_device_name(ctx.device))
         n = M.build_model(c, device="meta").num_parameters()
         n -= 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size  # as train.flops counts it
-        matmul = 6 * n * tokens + 2 * c.vocab_size * c.hidden_size * tokens  # + the head's recompute (~all tokens)
+        # + the head's recompute (~all tokens), which SFT and REDI no longer run (train.LINEAR)
+        recompute = 0 if stage in T.LINEAR else 2 * c.vocab_size * c.hidden_size * tokens
         attention = (mfu * wall_ms / 1e3 * peak - 6 * n * tokens) / 2  # 12 L d T counts twice the causal work
-        rates = {"matmul (6N per token and the head's recompute)": matmul / kinds.get("matmul", math.nan) / 1e9,
+        rates = {"matmul (6N per token" + (")" if not recompute else " and the head's recompute)"):
+                 (6 * n * tokens + recompute) / kinds.get("matmul", math.nan) / 1e9,
                  "attention (causal work)": attention / kinds.get("attention", math.nan) / 1e9}
     top = sorted(by_name.items(), key=lambda kv: kv[1][0], reverse=True)[:30]
     return {"run": name, "tokens": tokens, "profiled_step_wall_ms": wall_ms,
@@ -1061,6 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA device: run with --tiny for the CPU smoke test")
     tmp = bench_data.scratch_dir(args.tmp, "redi-gpu-check-")
     ctx = Ctx(args.tiny, tmp, Path(args.out))
+    ctx.doc_calls.install()
     ctx.parity_parts = tuple(args.parity.split(","))
     ctx.train_runs = tuple(args.train_runs.split(",")) if args.train_runs else None
     if args.profile_run not in train_runs(ctx):
