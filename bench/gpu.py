@@ -38,7 +38,8 @@ leaves what it measured:
           work only, --ac-scope mlp and ops; the last also with --attention per-document and --no-reshard):
           first-step (compile/warm-up) time, every step's time and MFU (6N + 12 L d T), tokens/s and MFU pooled
           over the steps that compiled nothing, peak memory, the per-document calls new to the process in each
-          step (DocumentCalls: where cuDNN may build graphs) and MFU over the steps without any (a run listed
+          step (DocumentCalls: where cuDNN may build graphs) and MFU over the steps without any, the caching
+          allocator's cudaMalloc calls and retries per step and its peak reserved memory (a run listed
           twice in --train-runs runs twice, the second as name#2); and the chunked head alone at 16k and 32k tokens,
           with the backward's recompute (losses.token_logprobs) and with the gradient taken in the forward
           (token_logprobs_linear_loss, as SFT and REDI train) (with --train-runs, where it lists `head`);
@@ -345,9 +346,10 @@ class DocumentCalls:
         opaque to torch.compile, so its body runs eagerly even inside compiled blocks)."""
         cuda = self.ctx.device.type == "cuda"
         padded = lambda x: M.padded_length(x.shape[0])  # noqa: E731
-        targets = ((("_cudnn_document", "forward", lambda a: a[-1]), ("_cudnn_document_grads", "backward", lambda a: a[-1]))
-                   if cuda else (("_causal_with_lse", "forward", lambda a: padded(a[0])),
-                                 ("_causal_grads", "backward", lambda a: padded(a[1]))))
+        last = lambda a: a[-1]  # noqa: E731  (the cuDNN calls' padded length n)
+        targets = ((("_cudnn_document", "forward", last), ("_cudnn_document_grads", "backward", last)) if cuda
+                   else (("_causal_with_lse", "forward", lambda a: padded(a[0])),
+                         ("_causal_grads", "backward", lambda a: padded(a[1]))))
         for attr, direction, length_of in targets:
             setattr(M, attr, self._wrapped(getattr(M, attr), direction, length_of))
 
@@ -394,6 +396,7 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     before_warm_up = len(ctx.doc_calls.calls)
     warm_s = warm_doc_attention(ctx, lengths, max_len) if "per-document" in extra else None
     before_steps, ends = len(ctx.doc_calls.calls), []  # ends: len(calls) at each step's end
+    allocator = [allocator_counts(ctx)]  # before step 1, then after each step
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -402,6 +405,7 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
     def step_done():
         graphs.append(counters["frames"]["total"])
         ends.append(len(ctx.doc_calls.calls))
+        allocator.append(allocator_counts(ctx))
         if profiler is not None and len(graphs) == steps:  # steps - 1 done: profile the last
             profiler.start()
         elif profiler is not None and len(graphs) == steps + 1:
@@ -434,9 +438,23 @@ def train_run(ctx: Ctx, name: str, stage: str, batch: int, lengths: np.ndarray, 
             "mfu": sum(mfu) / seconds if mfu else None, "peak_mem_gib": max(x["peak_mem_gib"] for x in log),
             "loss_first_last": [log[0]["loss"], log[-1]["loss"]], "cudnn_graphs_built_before_s": warm_s,
             "document_calls": doc_calls,
+            # per step: cudaMalloc calls, and retries (the caching allocator, short of memory, freeing its cache
+            # and synchronizing before it allocates again); None on CPU
+            "allocator_per_step": [None if a is None else {k: b[k] - a[k] for k in a}
+                                   for a, b in zip(allocator, allocator[1:])],
+            "peak_reserved_gib": (torch.cuda.memory_stats().get("reserved_bytes.all.peak", 0) / 2**30
+                                  if ctx.device.type == "cuda" else None),
             "mfu_steps_without_new_document_calls": [x["step"] for x in clean],
-            "mfu_without_new_document_calls": (sum(x["mfu"] * x["step_s"] for x in clean) / sum(x["step_s"] for x in clean)
-                                               if clean else None)}
+            "mfu_without_new_document_calls": (sum(x["mfu"] * x["step_s"] for x in clean)
+                                               / sum(x["step_s"] for x in clean) if clean else None)}
+
+
+def allocator_counts(ctx: Ctx) -> dict | None:
+    """The CUDA caching allocator's running counts of cudaMalloc calls and of retries (None on CPU)."""
+    if ctx.device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats()
+    return {"device_allocs": stats.get("num_device_alloc", 0), "alloc_retries": stats.get("num_alloc_retries", 0)}
 
 
 def warm_doc_attention(ctx: Ctx, lengths: np.ndarray, max_len: int) -> float:

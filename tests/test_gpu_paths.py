@@ -199,7 +199,7 @@ def test_the_device_check_runs_every_section_on_cpu(tmp_path):
         assert resumed["losses_straight"] == resumed["losses_resumed"]
     perdoc_run = report["train"]["sft-compile-opsac-perdoc"]
     assert perdoc_run["cudnn_graphs_built_before_s"] > 0 and perdoc_run["document_calls"]["warm_up_calls"] > 0
-    assert len(perdoc_run["document_calls"]["per_step"]) == perdoc_run["steps"]
+    assert len(perdoc_run["document_calls"]["per_step"]) == len(perdoc_run["allocator_per_step"]) == perdoc_run["steps"]
     assert all(not set(r["steady_steps"]) & set(r["steps_that_compiled"]) for r in compiled)
     phases = report["profile"]["kernel_ms_by_phase"]  # (on CPU: operators' own time) the phases are found by name
     # the profiled run is SFT: its head takes the gradient in the forward (three matmuls per chunk), and its
