@@ -296,12 +296,12 @@ def _compiled_flex_decode():
 MIN_SPLIT_KV = 16
 
 
-def decode_split_kv(batch: int, kv_heads: int, sms: int) -> int:
+def decode_split_kv(batch: int, kv_heads: int, sms: int, least: int = MIN_SPLIT_KV) -> int:
     """Thread blocks per (row, KV head) in a decoding step's attention: flex_attention's SPLIT_KV. Enough for
     about four per SM, since each streams its keys with little memory-level parallelism of its own (inductor's
     default, 2 * SMs // (batch * kv_heads), is 1 from batch 67 on with 2 KV heads on 132 SMs), and at least
-    MIN_SPLIT_KV, for ragged rows; at most 64."""
-    return max(MIN_SPLIT_KV, min(64, -(-4 * sms // max(1, batch * kv_heads))))
+    `least` (MIN_SPLIT_KV, for ragged rows; 1: the rule before it); at most 64."""
+    return max(least, min(64, -(-4 * sms // max(1, batch * kv_heads))))
 
 
 @functools.cache

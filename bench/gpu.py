@@ -898,7 +898,7 @@ def section_decode(ctx: Ctx) -> dict:
     sms = M._sm_count(dev) if dev.type == "cuda" else 8
     r = {"copy_gb_s": bw / 1e9}
     for B, n in ((2, 300), (4, 500)) if ctx.tiny else ((1, 1000), (64, 8000), (128, 8000), (256, 8000)):
-        split = max(1, min(64, -(-4 * sms // (B * Hkv))))  # four thread blocks per SM: the rule before MIN_SPLIT_KV
+        split = M.decode_split_kv(B, Hkv, sms, least=1)  # four thread blocks per SM: the rule before MIN_SPLIT_KV
         variants = {"inductor's options": None, f"SPLIT_KV {split}": {"SPLIT_KV": split},
                     "... num_stages 3": {"SPLIT_KV": split, "num_stages": 3},
                     "... num_stages 3, num_warps 4": {"SPLIT_KV": split, "num_stages": 3, "num_warps": 4},

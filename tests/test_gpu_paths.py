@@ -82,6 +82,7 @@ def test_decode_attention_compiles_every_batch_bucket(monkeypatch):
         assert graphs(M._decode_attention) == 3
     assert M.decode_split_kv(16, 2, 132) == 17 and M.decode_split_kv(64, 2, 132) == M.MIN_SPLIT_KV == 16
     assert M.decode_split_kv(1, 2, 132) == 64 and M.decode_split_kv(1024, 8, 132) == 16
+    assert M.decode_split_kv(64, 2, 132, least=1) == 5 and M.decode_split_kv(256, 2, 132, least=1) == 2
     assert M.decode_split_kv(0, 2, 132) == 64
     assert M.decode_kernel_options(8, 2, 132) == {"SPLIT_KV": 33, "num_warps": 4, "num_stages": 3}
     assert M.decode_kernel_options(256, 2, 132) == {"SPLIT_KV": 16}
