@@ -500,9 +500,9 @@ class Sampler:
         """The model's q/k/v weights as they are now, fused: made at the first stream, copied into the same
         tensors at the next ones (captured graphs read them there), so a model updated between two streams
         samples with its new weights."""
-        fused = [layer.self_attn.fused_qkv() for layer in self.model.model.layers]
+        fused = (layer.self_attn.fused_qkv() for layer in self.model.model.layers)  # one layer's at a time
         if self.cache.qkv_weights is None:
-            self.cache.qkv_weights = fused
+            self.cache.qkv_weights = list(fused)
             return
         for (weight, bias), (new_weight, new_bias) in zip(self.cache.qkv_weights, fused):
             weight.copy_(new_weight)
